@@ -63,3 +63,30 @@ class DeploymentSpec:
         """Changes when the serving mesh must restart."""
         return self._hash("model_dir", "dtype", "tp", "pp", "quantization", "artifacts", "device", "ranks",
                           "convert_node_id", "serve")
+
+
+def spec_from_topology(topo, plan, nodes: list[dict]) -> DeploymentSpec:
+    """Resolve a validated topology and its plan against the live Ray nodes."""
+    from orchestrator.ray_cluster import match_nodes
+
+    device = topo.device
+    mapping = match_nodes(topo, nodes, device)
+    if device == "auto":
+        device = "cuda" if any(n["resources"].get("GPU", 0) > 0 for n in mapping.values()) else "cpu"
+        mapping = match_nodes(topo, nodes, device)
+    ranks = []
+    for r in plan.ranks:
+        node = mapping.get(r.node) or next(iter(mapping.values()))
+        spec_node = next((n for n in topo.nodes if n.name == r.node), None)
+        per_rank = {}
+        if spec_node is not None and spec_node.resources and spec_node.gpus:
+            per_rank = {k: v / spec_node.gpus for k, v in spec_node.resources.items()}
+        ranks.append(RankSpec(r.global_rank, r.tp_rank, r.pp_rank, r.node, node["node_id"], node["ip"], per_rank))
+    conv = mapping.get(plan.convert_node) or next(iter(mapping.values()))
+    serve = topo.serve.model_dump(mode="json") if hasattr(topo.serve, "model_dump") else dict(vars(topo.serve))
+    return DeploymentSpec(
+        name=topo.name, model_dir=str(topo.model.path), dtype=topo.model.dtype,
+        tp=topo.parallelism.tensor, pp=topo.parallelism.pipeline, device=device,
+        quantization=topo.build.quantization, artifacts=str(topo.build.artifacts), serve=serve,
+        convert_node=plan.convert_node, convert_node_id=conv["node_id"], ranks=ranks,
+        plan_hash=plan.content_hash)
