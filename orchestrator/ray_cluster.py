@@ -55,30 +55,58 @@ def embedded_address() -> str | None:
 
 
 def start_embedded_head() -> str:
-    """Start a local Ray head in the background and record its address."""
+    """Start a local Ray head in its own session (it outlives this process) and record it."""
     port = _free_port()
     address = f"127.0.0.1:{port}"
+    home = orch_home()
+    home.mkdir(parents=True, exist_ok=True)
     ray_bin = Path(sys.executable).with_name("ray")
-    cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", f"--port={port}",
+    cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block", f"--port={port}",
            "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
            f"--num-cpus={max(os.cpu_count() or 1, 4)}"]
     log.info("starting an embedded local Ray head at %s", address)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeFailure(f"could not start an embedded Ray head: {proc.stderr.strip()[-2000:]}")
-    _embedded_file().parent.mkdir(parents=True, exist_ok=True)
-    _embedded_file().write_text(json.dumps({"address": address, "started": time.time()}))
+    logf = open(home / "embedded-ray.log", "ab")
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + 60
+    while not _reachable(address):
+        if proc.poll() is not None or time.time() > deadline:
+            stop_process_group(proc.pid)
+            tail = (home / "embedded-ray.log").read_text(errors="replace")[-2000:]
+            raise RuntimeFailure(f"could not start an embedded Ray head (log {home / 'embedded-ray.log'}): {tail}")
+        time.sleep(0.2)
+    time.sleep(1.0)  # let the raylet register with the GCS
+    _embedded_file().write_text(json.dumps({"address": address, "pgid": proc.pid, "started": time.time()}))
     return address
 
 
+def stop_process_group(pgid: int, timeout: float = 15.0) -> None:
+    """SIGTERM a process group (a `ray start --block` and everything it started), then SIGKILL."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
 def stop_embedded_head() -> bool:
-    """Stop the embedded head if this machine has one recorded; returns whether it was running."""
-    addr = embedded_address()
-    _embedded_file().unlink(missing_ok=True)
-    if not addr:
+    """Stop the embedded head recorded under ORCH_HOME; returns whether one was recorded."""
+    try:
+        info = json.loads(_embedded_file().read_text())
+    except (OSError, ValueError):
         return False
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    _embedded_file().unlink(missing_ok=True)
+    if info.get("pgid"):
+        stop_process_group(int(info["pgid"]))
     return True
 
 
