@@ -8,8 +8,8 @@ import sys
 
 from orchestrator.errors import OrchError
 
-# name -> module under orchestrator.commands exposing add_parser(subparsers)
-COMMANDS = ["validate", "plan", "convert", "build", "serve", "generate", "apply", "status", "delete", "smoke", "bench"]
+# command names; the module is orchestrator.commands.<name with '-' -> '_'> exposing add_parser(subparsers)
+COMMANDS = ["validate", "plan", "tiny-model", "convert", "build", "serve", "generate", "apply", "status", "delete", "smoke", "bench"]
 
 DESCRIPTION = """\
 orch: build and serve large language models on a cluster of NVIDIA GPUs (or on CPU).
@@ -27,10 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
+        module = f"orchestrator.commands.{name.replace('-', '_')}"
         try:
-            mod = importlib.import_module(f"orchestrator.commands.{name}")
+            mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
-            if e.name == f"orchestrator.commands.{name}":
+            if e.name == module:
                 continue  # command not present in this build
             raise
         mod.add_parser(sub)
