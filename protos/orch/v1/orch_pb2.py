@@ -15,35 +15,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/orch/v1/orch.proto\x12\x07orch.v1\"\xb0\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x17\n\nmax_tokens\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokens\"\xa6\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.orch.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1b\n\x13skip_special_tokens\x18\x06 \x01(\x08\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"S\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12 \n\x03top\x18\x03 \x03(\x0b\x32\x13.orch.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xd2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\'\n\x08logprobs\x18\x04 \x03(\x0b\x32\x15.orch.v1.TokenLogprob\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.orch.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x1d\n\x05usage\x18\x07 \x01(\x0b\x32\x0e.orch.v1.Usage\"J\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb0\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0c\x62os_token_id\x18\x06 \x01(\x05\x12\x0f\n\x07tp_size\x18\x07 \x01(\x05\x12\x0f\n\x07pp_size\x18\x08 \x01(\x05\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x12\n\nblock_size\x18\x0b \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x0c \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\r \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x0e \x01(\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x9c\x02\n\x0bOrchService\x12?\n\x08Generate\x12\x18.orch.v1.GenerateRequest\x1a\x19.orch.v1.GenerateResponse\x12G\n\x0eGenerateStream\x12\x18.orch.v1.GenerateRequest\x1a\x19.orch.v1.GenerateResponse0\x01\x12?\n\x08Tokenize\x12\x18.orch.v1.TokenizeRequest\x1a\x19.orch.v1.TokenizeResponse\x12\x42\n\tModelInfo\x12\x19.orch.v1.ModelInfoRequest\x1a\x1a.orch.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/orch/v1/orch.proto\x12\x07orch.v1\"\xb0\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x17\n\nmax_tokens\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokens\"\xa9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.orch.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1e\n\x16include_special_tokens\x18\x06 \x01(\x08\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"S\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12 \n\x03top\x18\x03 \x03(\x0b\x32\x13.orch.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xd2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\'\n\x08logprobs\x18\x04 \x03(\x0b\x32\x15.orch.v1.TokenLogprob\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.orch.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x1d\n\x05usage\x18\x07 \x01(\x0b\x32\x0e.orch.v1.Usage\"J\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb0\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0c\x62os_token_id\x18\x06 \x01(\x05\x12\x0f\n\x07tp_size\x18\x07 \x01(\x05\x12\x0f\n\x07pp_size\x18\x08 \x01(\x05\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x12\n\nblock_size\x18\x0b \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x0c \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\r \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x0e \x01(\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x9c\x02\n\x0bOrchService\x12?\n\x08Generate\x12\x18.orch.v1.GenerateRequest\x1a\x19.orch.v1.GenerateResponse\x12G\n\x0eGenerateStream\x12\x18.orch.v1.GenerateRequest\x1a\x19.orch.v1.GenerateResponse0\x01\x12?\n\x08Tokenize\x12\x18.orch.v1.TokenizeRequest\x1a\x19.orch.v1.TokenizeResponse\x12\x42\n\tModelInfo\x12\x19.orch.v1.ModelInfoRequest\x1a\x1a.orch.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.orch.v1.orch_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1423
-  _globals['_FINISHREASON']._serialized_end=1547
+  _globals['_FINISHREASON']._serialized_start=1426
+  _globals['_FINISHREASON']._serialized_end=1550
   _globals['_SAMPLINGPARAMS']._serialized_start=39
   _globals['_SAMPLINGPARAMS']._serialized_end=343
   _globals['_GENERATEREQUEST']._serialized_start=346
-  _globals['_GENERATEREQUEST']._serialized_end=512
-  _globals['_TOPLOGPROB']._serialized_start=514
-  _globals['_TOPLOGPROB']._serialized_end=561
-  _globals['_TOKENLOGPROB']._serialized_start=563
-  _globals['_TOKENLOGPROB']._serialized_end=646
-  _globals['_USAGE']._serialized_start=648
-  _globals['_USAGE']._serialized_end=735
-  _globals['_GENERATERESPONSE']._serialized_start=738
-  _globals['_GENERATERESPONSE']._serialized_end=948
-  _globals['_TOKENIZEREQUEST']._serialized_start=950
-  _globals['_TOKENIZEREQUEST']._serialized_end=1024
-  _globals['_TOKENIZERESPONSE']._serialized_start=1026
-  _globals['_TOKENIZERESPONSE']._serialized_end=1079
-  _globals['_MODELINFOREQUEST']._serialized_start=1081
-  _globals['_MODELINFOREQUEST']._serialized_end=1114
-  _globals['_MODELINFORESPONSE']._serialized_start=1117
-  _globals['_MODELINFORESPONSE']._serialized_end=1421
-  _globals['_ORCHSERVICE']._serialized_start=1550
-  _globals['_ORCHSERVICE']._serialized_end=1834
+  _globals['_GENERATEREQUEST']._serialized_end=515
+  _globals['_TOPLOGPROB']._serialized_start=517
+  _globals['_TOPLOGPROB']._serialized_end=564
+  _globals['_TOKENLOGPROB']._serialized_start=566
+  _globals['_TOKENLOGPROB']._serialized_end=649
+  _globals['_USAGE']._serialized_start=651
+  _globals['_USAGE']._serialized_end=738
+  _globals['_GENERATERESPONSE']._serialized_start=741
+  _globals['_GENERATERESPONSE']._serialized_end=951
+  _globals['_TOKENIZEREQUEST']._serialized_start=953
+  _globals['_TOKENIZEREQUEST']._serialized_end=1027
+  _globals['_TOKENIZERESPONSE']._serialized_start=1029
+  _globals['_TOKENIZERESPONSE']._serialized_end=1082
+  _globals['_MODELINFOREQUEST']._serialized_start=1084
+  _globals['_MODELINFOREQUEST']._serialized_end=1117
+  _globals['_MODELINFORESPONSE']._serialized_start=1120
+  _globals['_MODELINFORESPONSE']._serialized_end=1424
+  _globals['_ORCHSERVICE']._serialized_start=1553
+  _globals['_ORCHSERVICE']._serialized_end=1837
 # @@protoc_insertion_point(module_scope)
