@@ -270,25 +270,22 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
         buf, offset = buf[n:], offset + n
 
 
-@dataclass
 class _Progress:
     """Optional rich progress over tensors and bytes."""
 
-    enabled: bool
-    total_tensors: int
-    total_bytes: int
-    _bar: object = None
-    _tasks: tuple = ()
+    def __init__(self, enabled: bool, total_tensors: int, total_bytes: int):
+        self.enabled, self.totals = enabled, (total_tensors, total_bytes)
+        self.done = [0, 0]
+        self._bar, self._tasks, self._t0 = None, (), time.perf_counter()
 
     def __enter__(self) -> "_Progress":
         if self.enabled:
-            from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
-                                       TextColumn, TimeRemainingColumn, TransferSpeedColumn)
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+            self._bar = Progress(TextColumn("{task.description:<8}"), BarColumn(), TaskProgressColumn(),
+                                 TextColumn("{task.fields[detail]}"), TimeRemainingColumn())
             self._bar.__enter__()
-            self._tasks = (self._bar.add_task("tensors", total=self.total_tensors),
-                           self._bar.add_task("bytes", total=self.total_bytes))
+            self._tasks = (self._bar.add_task("tensors", total=self.totals[0], detail=""),
+                           self._bar.add_task("bytes", total=self.totals[1], detail=""))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -296,9 +293,13 @@ class _Progress:
             self._bar.__exit__(*exc)
 
     def advance(self, tensors: int = 0, nbytes: int = 0) -> None:
+        self.done[0] += tensors
+        self.done[1] += nbytes
         if self._bar is not None:
-            self._bar.update(self._tasks[0], advance=tensors)
-            self._bar.update(self._tasks[1], advance=nbytes)
+            rate = self.done[1] / max(1e-9, time.perf_counter() - self._t0)
+            self._bar.update(self._tasks[0], completed=self.done[0], detail=f"{self.done[0]}/{self.totals[0]}")
+            self._bar.update(self._tasks[1], completed=self.done[1],
+                             detail=f"{self.done[1] / 1e6:.1f}/{self.totals[1] / 1e6:.1f} MB {rate / 1e6:.0f} MB/s")
 
 
 def _write_weights(path: Path, ckpt: Checkpoint, plan: ShardPlan, transform: Transform,
@@ -530,7 +531,8 @@ def convert_checkpoint(model_dir: Path | str, out_root: Path | str, tp: int, pp:
     """Write every (tp_rank, pp_rank) shard of checkpoint model_dir under out_root; skip current ones.
 
     force: reconvert even valid shards. verify: re-hash existing shards instead of the cheap check.
-    hash_cache: where source sha256s are cached (default <out_root>/.source-hashes.json)."""
+    hash_cache: where source sha256s are cached (default: .source-hashes.json beside out_root, which is
+    <artifacts>/shards/.source-hashes.json for out_root = shards_root(artifacts, model_dir))."""
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_dir)
     cfg = ckpt.config
@@ -545,7 +547,7 @@ def convert_checkpoint(model_dir: Path | str, out_root: Path | str, tp: int, pp:
         raise RuntimeFailure(f"cannot create shard directory {layout}: {e.strerror or e}") from None
     with _locked(out_root):
         _clean_stale(layout)
-        sources = hash_sources(ckpt.source_files(), hash_cache or out_root / HASH_CACHE)
+        sources = hash_sources(ckpt.source_files(), hash_cache or out_root.parent / HASH_CACHE)
         plans = [plan_shard(cfg, tp, pp, t, p, transform) for p in range(pp) for t in range(tp)]
         heads = [_manifest_head(cfg, tp, pp, pl, target_dtype, transform, sources) for pl in plans]
         dirs = [shard_dir_for(out_root, tp, pp, pl.tp_rank, pl.pp_rank) for pl in plans]
