@@ -268,9 +268,11 @@ def make_plan(topo: Topology, cfg: ModelConfig, *, local_gpus: int | None = None
     tp, pp = topo.parallelism.tensor, topo.parallelism.pipeline
     try:
         check_parallelism(cfg, tp, pp)
-    except PlanError as e:
-        key = str(e).split("=", 1)[0] if str(e).startswith("parallelism.") else "parallelism"
-        raise plan_error(key, str(e)) from None
+    except PlanError as e:  # "parallelism.tensor=3 must divide ..." -> key parallelism.tensor, "3 must divide ..."
+        head, _, rest = str(e).partition("=")
+        if head.startswith("parallelism.") and " " not in head:
+            raise plan_error(head, rest) from None
+        raise plan_error("parallelism", str(e)) from None
     serve = topo.serve
     if serve.max_seq_len > cfg.max_position_embeddings:
         raise plan_error("serve.max_seq_len", f"{serve.max_seq_len} exceeds the model's "
@@ -296,7 +298,7 @@ def make_plan(topo: Topology, cfg: ModelConfig, *, local_gpus: int | None = None
                 capacity: int | None = int(node.gpu_memory_gb * GiB)
             else:
                 capacity = int(node.memory_gb * GiB / per_node[node.name]) if node.memory_gb else None
-            budget = int(serve.kv_cache_fraction * capacity) if capacity is not None else None
+            budget = round(serve.kv_cache_fraction * capacity) if capacity is not None else None
             where = f"rank {s * tp + r} (stage {s}, {node.name}" + (f" GPU {gpus[r]})" if gpus[r] is not None else ")")
             if budget is not None and weights + act > budget:
                 unit = "GPU" if device == "cuda" else "memory share"

@@ -216,7 +216,11 @@ def parse_topology(text: str, filename: str = "<topology>", base_dir: Path | str
     try:
         topo = Topology.model_validate(data)
     except ValidationError as e:
-        msgs = sorted({_render_error(err, lines, filename) for err in e.errors()})
+        errors = e.errors()
+        typos = {tuple(err["loc"][:-1]) + (hint,) for err in errors if err["type"] == "extra_forbidden"
+                 for hint in _suggest(tuple(err["loc"]))}
+        msgs = sorted({_render_error(err, lines, filename) for err in errors
+                       if not (err["type"] == "missing" and tuple(err["loc"]) in typos)})
         raise TopologyError("\n".join(m for _, m in msgs)) from None
     base = Path(base_dir)
     topo.model.path = _resolve_path(topo.model.path, base)
@@ -267,8 +271,10 @@ def _load_yaml(text: str, filename: str) -> tuple[Any, dict[tuple, tuple[int, in
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
+        if e.context_mark is not None and (mark is None or mark.line >= len(text.splitlines())):
+            mark = e.context_mark  # a problem found at the end of the file started at the context
         line = mark.line + 1 if mark else 1
-        what = " ".join(x for x in (e.context, e.problem) if x)
+        what = ": ".join(x for x in (e.context, e.problem) if x)
         raise TopologyError(f"{filename}:{line}: invalid YAML: {what}") from None
     except yaml.YAMLError as e:
         raise TopologyError(f"{filename}:1: invalid YAML: {e}") from None
@@ -353,16 +359,22 @@ def _expectation(path: tuple) -> str | None:
     return None
 
 
+def _suggest(loc: tuple) -> list[str]:
+    """The valid key nearest to an unknown key at loc (empty when none is close)."""
+    parent = _section_at(loc[:-1])
+    allowed = list(parent.model_fields) if parent else []
+    return difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+
+
 def _render_error(err: dict, lines: dict, filename: str) -> tuple[int, str]:
     """One pydantic error -> (line, 'file:line: key.path: problem')."""
     loc = tuple(err["loc"])
     typ = err["type"]
     if typ == "extra_forbidden":
+        hint = _suggest(loc)
         parent = _section_at(loc[:-1])
-        allowed = list(parent.model_fields) if parent else []
-        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
         msg = (f"unknown key; did you mean {hint[0]!r}?" if hint
-               else "unknown key; expected one of: " + ", ".join(allowed))
+               else "unknown key; expected one of: " + ", ".join(parent.model_fields if parent else ()))
         line = (_lookup(lines, loc) or (1, 1))[0]
     elif typ == "missing":
         msg = "missing required key"

@@ -1,0 +1,193 @@
+"""Helpers for engine tests: random transformers models, shards, a scheduling scenario, multi-rank runs.
+
+Importable by spawned rank processes: nothing heavy (transformers) at module level.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workers.models.tiny import tiny_config
+
+# name -> (family, config overrides): the four models the issue asks for.
+MODELS = {
+    "llama_gqa_rope3": ("llama", {"num_key_value_heads": 2, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}}),
+    "llama_tied": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
+    "mistral_window": ("mistral", {"sliding_window": 16}),
+    "qwen2_bias": ("qwen2", {"vocab_size": 509}),
+}
+
+
+def make_hf_model(out_dir: Path, name: str, seed: int = 0):
+    """Build model `name` with transformers, give it well-scaled random weights, save it; return it."""
+    import transformers
+
+    family, overrides = MODELS[name]
+    raw = tiny_config(family, **overrides)
+    cfg_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config}[family]
+    cfg = cfg_cls(**raw)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif pname.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return model
+
+
+def write_shards(model_dir: Path, out_root: Path, tp: int, pp: int) -> Path:
+    """Convert model_dir for tp x pp into out_root; returns the tp{T}-pp{P} directory."""
+    from workers.convert import convert_checkpoint
+
+    return Path(convert_checkpoint(model_dir, out_root, tp, pp, "float32")[0]).parent
+
+
+# --- a small scheduler: sequences join, prefill in chunks, decode greedily, leave --------------------
+
+@dataclass
+class SeqSpec:
+    arrival: int          # step at which the sequence joins
+    prompt_len: int
+    max_new: int          # greedy tokens to generate
+    chunk: int            # prefill chunk size
+
+
+SCENARIO = [SeqSpec(0, 5, 32, 8), SeqSpec(0, 19, 10, 8), SeqSpec(0, 1, 32, 8), SeqSpec(2, 33, 20, 8),
+            SeqSpec(4, 9, 32, 4), SeqSpec(11, 24, 6, 16), SeqSpec(13, 2, 12, 8)]
+
+
+@dataclass
+class _Seq:
+    spec: SeqSpec
+    prompt: list[int]
+    blocks: list[int] = field(default_factory=list)
+    done: int = 0                                  # tokens in the KV cache
+    generated: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def run_scenario(engine, vocab: int, seed: int = 0, specs: list[SeqSpec] = SCENARIO) -> dict:
+    """Drive `engine` (the driver) through a mixed prefill/decode schedule over a shuffled block pool.
+
+    Returns {"prompts", "generated", "logits" (per sequence: one row per logits step), "step_times"}.
+    """
+    from workers.engine import SeqChunk, StepInput
+
+    rng = random.Random(seed)
+    bs = engine.block_size
+    free = list(range(engine.num_kv_blocks))
+    rng.shuffle(free)
+    seqs = {i: _Seq(s, [rng.randrange(vocab) for _ in range(s.prompt_len)]) for i, s in enumerate(specs)}
+    active: list[int] = []
+    finished: list[int] = []
+    times = []
+    step_no = 0
+    while len(finished) < len(seqs):
+        active += [i for i, s in seqs.items() if s.spec.arrival == step_no]
+        chunks = []
+        for i in active:
+            s = seqs[i]
+            if s.done < len(s.prompt):
+                toks = s.prompt[s.done: s.done + s.spec.chunk]
+                want = s.done + len(toks) == len(s.prompt)
+            else:
+                toks, want = [s.generated[-1]], True
+            while len(s.blocks) * bs < s.done + len(toks):
+                s.blocks.append(free.pop())
+            chunks.append(SeqChunk(i, toks, s.done, list(s.blocks), want))
+        rng.shuffle(chunks)  # decode and prefill chunks interleaved in any order
+        t0 = time.perf_counter()
+        out = engine.step(StepInput(chunks)) if chunks else None
+        times.append(time.perf_counter() - t0)
+        rows = iter(out) if out is not None else iter(())
+        for c in chunks:
+            s = seqs[c.seq_id]
+            s.done += len(c.token_ids)
+            if c.want_logits:
+                row = next(rows)
+                s.logits.append(row.clone())
+                s.generated.append(int(row.argmax()))
+                if len(s.generated) == s.spec.max_new:
+                    active.remove(c.seq_id)
+                    finished.append(c.seq_id)
+                    free.extend(reversed(s.blocks))  # freed blocks are reused first
+        step_no += 1
+    return {"prompts": [seqs[i].prompt for i in seqs], "generated": [seqs[i].generated for i in seqs],
+            "logits": [torch.stack(seqs[i].logits) for i in seqs], "step_times": times}
+
+
+def compare_with_reference(result: dict, hf_model) -> tuple[float, int]:
+    """Check every logits row against transformers (full recompute per sequence).
+
+    Returns (worst relative error, number of rows compared); asserts greedy tokens agree."""
+    worst, rows = 0.0, 0
+    for prompt, gen, ours in zip(result["prompts"], result["generated"], result["logits"]):
+        full = torch.tensor([prompt + gen[:-1]])
+        with torch.no_grad():
+            ref = hf_model(full).logits[0, len(prompt) - 1:].float()
+        assert ref.shape == ours.shape, (ref.shape, ours.shape)
+        err = ((ours - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+        worst = max(worst, err)
+        assert ref.argmax(-1).tolist() == gen, "greedy tokens differ from transformers"
+        rows += len(gen)
+    return worst, rows
+
+
+# --- multi-process ranks -----------------------------------------------------------------------------
+
+def _rank_main(rank: int, world: int, tp: int, pp: int, init_method: str, jobs: list[tuple[str, int]],
+               out_path: str, num_kv_blocks: int, block_size: int) -> None:
+    """One rank: join the group once, then load and run each (shard_dir, vocab) job in turn."""
+    torch.set_num_threads(1)
+    from workers.dist import DistContext
+    from workers.engine import Engine
+
+    ctx = DistContext.init(rank, world, tp, pp, init_method, "gloo", timeout_s=120)
+    results = []
+    try:
+        for shard_dir, vocab in jobs:
+            engine = Engine(shard_dir, num_kv_blocks=num_kv_blocks, block_size=block_size, dist=ctx)
+            if ctx.is_driver:
+                results.append(run_scenario(engine, vocab))
+                engine.shutdown(close_dist=False)
+            else:
+                engine.serve_forever()
+        if ctx.is_driver:
+            torch.save(results, out_path)
+    finally:
+        ctx.close()
+
+
+def run_ranks(jobs: list[tuple[str, int]], tp: int, pp: int, out_path: Path, num_kv_blocks: int = 64,
+              block_size: int = 4, timeout_s: float = 120.0) -> list[dict]:
+    """Run the scenario for each job on tp*pp gloo processes; returns the driver's results per job."""
+    import torch.multiprocessing as mp
+
+    from workers.dist import free_port
+
+    world = tp * pp
+    init = f"tcp://127.0.0.1:{free_port()}"
+    ctx = mp.spawn(_rank_main, args=(world, tp, pp, init, jobs, str(out_path), num_kv_blocks, block_size),
+                   nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks tp={tp} pp={pp} did not finish within {timeout_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    return torch.load(out_path)
