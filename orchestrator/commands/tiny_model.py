@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from orchestrator.errors import OrchError
+from orchestrator.errors import OrchError, RuntimeFailure
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,9 @@ def run(args: argparse.Namespace) -> int:
         raise OrchError(f"{out}: exists and is not a model checkpoint directory; refusing to overwrite it")
     from workers.models.tiny import write_random_checkpoint
 
-    path = write_random_checkpoint(out, arch=args.arch, seed=args.seed)
+    try:
+        path = write_random_checkpoint(out, arch=args.arch, seed=args.seed)
+    except OSError as e:
+        raise RuntimeFailure(f"{out}: cannot write the checkpoint: {e}") from None
     print(f"wrote a tiny random {args.arch} checkpoint to {path}")
     return 0
