@@ -425,19 +425,22 @@ def test_ctrl_c_cleans_temp_dir(tmp_path):
 
 # --- memory ---------------------------------------------------------------------------------------
 
+# VmHWM (this process image's peak RSS), not getrusage's ru_maxrss: after fork+exec the latter
+# starts from the parent's RSS, i.e. pytest's, which holds the generated checkpoint.
 RSS_SCRIPT = """
-import json, resource, sys, psutil
+import json, sys, psutil
 from workers.checkpoint import open_checkpoint
 from workers.convert import convert_checkpoint
+def hwm():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 open_checkpoint(sys.argv[1])
-before = psutil.Process().memory_info().rss
+before = max(hwm(), psutil.Process().memory_info().rss)
 res = convert_checkpoint(sys.argv[1], sys.argv[2], int(sys.argv[3]), 1, dtype=sys.argv[4])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"before": before, "peak": peak, "bytes": res.bytes_written}))
+print(json.dumps({"before": before, "peak": hwm(), "bytes": res.bytes_written}))
 """
 
 
-@pytest.mark.slow
 def test_peak_rss_is_bounded(tmp_path):
     """A ~520 MB float32 checkpoint converts with peak RSS well below its size."""
     model_dir = write_random_checkpoint(tmp_path / "ck", hidden_size=1024, intermediate_size=4096,
@@ -454,4 +457,5 @@ def test_peak_rss_is_bounded(tmp_path):
         extra = r["peak"] - r["before"]
         print(f"tp={tp} {dtype}: rss before {r['before'] / 1e6:.0f} MB, peak {r['peak'] / 1e6:.0f} MB, "
               f"extra {extra / 1e6:.0f} MB for {r['bytes'] / 1e6:.0f} MB written (largest tensor {largest / 1e6:.0f} MB)")
-        assert extra < largest, "conversion held more than one largest tensor in memory"
+        # chunked streaming: a few 16 MiB chunks, well under one largest tensor (131 MB)
+        assert extra < 0.75 * largest, "conversion held about a whole tensor in memory"
