@@ -28,7 +28,8 @@ from typing import Any
 
 from orchestrator.errors import PlanError
 from orchestrator.topology import DTYPE_BYTES, Node, Topology
-from workers.layout import check_parallelism, local_heads, padded_vocab, shard_tensors, source_shape, stage_layers
+from workers.layout import (ShardTensor, check_parallelism, local_heads, padded_vocab, shard_tensors, source_shape,
+                            stage_layers)
 from workers.models.config import ModelConfig
 
 GiB = 1 << 30
@@ -169,7 +170,7 @@ def plan_nodes(topo: Topology, device: str, local_gpus: int | None = None) -> li
     return [Node(name=LOCAL_NODE, address="127.0.0.1", gpus=gpus)]
 
 
-def choose_convert_node(topo: Topology, nodes: list[Node]) -> Node:
+def choose_convert_node(nodes: list[Node]) -> Node:
     """The node that converts weights: the first with role convert, else the role-less node with the
     most host memory (ties: first listed)."""
     marked = [n for n in nodes if "convert" in n.roles]
@@ -217,24 +218,21 @@ def shard_weight_bytes(cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank
                        dtype: str, quantization: str = "none") -> int:
     """Bytes of one rank's shard; quantized formats are estimated (1 or 0.5 byte per linear weight
     plus scales), the build phase decides the exact layout."""
-    b = DTYPE_BYTES[dtype]
-    total = 0
-    for t in shard_tensors(cfg, tp, pp, tp_rank, pp_rank):
-        shapes = [source_shape(cfg, p.source) for p in t.pieces]
-        if t.pad_to is not None:  # vocab-parallel rows, padded
-            numel = t.pad_to * cfg.hidden_size
-        else:
-            numel = sum(math.prod(shape) // shape[p.dim] * (p.stop - p.start) for p, shape in zip(t.pieces, shapes))
-        total += _tensor_bytes(t.name, numel, shapes, t, b, quantization)
-    return total
+    return sum(_tensor_bytes(cfg, t, DTYPE_BYTES[dtype], quantization)
+               for t in shard_tensors(cfg, tp, pp, tp_rank, pp_rank))
 
 
-def _tensor_bytes(name: str, numel: int, shapes: list, t: Any, b: int, quantization: str) -> int:
-    if quantization == "none" or not name.endswith("_proj.weight"):
+def _tensor_bytes(cfg: ModelConfig, t: ShardTensor, b: int, quantization: str) -> int:
+    shapes = [source_shape(cfg, p.source) for p in t.pieces]
+    if t.pad_to is not None:  # vocab-parallel rows, padded
+        numel = t.pad_to * cfg.hidden_size
+    else:
+        numel = sum(math.prod(shape) // shape[p.dim] * (p.stop - p.start) for p, shape in zip(t.pieces, shapes))
+    if quantization == "none" or not t.name.endswith("_proj.weight"):
         return numel * b
     out_rows = sum(p.stop - p.start for p in t.pieces) if t.concat_dim == 0 else shapes[0][0]
     if quantization in ("fp8", "int8_wo"):
-        return numel + 4 * out_rows
+        return numel + 4 * out_rows  # one byte per weight + a float32 scale per output row
     return numel // 2 + 2 * (numel // 128)  # int4_wo: packed nibbles + a 16-bit scale per 128 weights
 
 
@@ -263,6 +261,35 @@ def _gib(n: int | float) -> str:
 
 
 # ---------------------------------------------------------------------------------------- plan
+def _size_rank(topo: Topology, cfg: ModelConfig, device: str, s: int, r: int, node: Node, gpu: int | None,
+               layers: tuple[int, int], ranks_on_node: int) -> dict[str, Any]:
+    """Memory figures of rank (tp r, stage s) as RankPlan fields (all but kv_cache_bytes)."""
+    tp, pp, serve, dtype = topo.parallelism.tensor, topo.parallelism.pipeline, topo.serve, topo.model.dtype
+    start, stop = layers
+    weights = shard_weight_bytes(cfg, tp, pp, r, s, dtype, topo.build.quantization)
+    act = activation_bytes(cfg, tp, r, s == pp - 1, serve.max_num_batched_tokens, serve.max_num_seqs, dtype)
+    per_tok = kv_bytes_per_token(cfg, tp, r, stop - start, dtype)
+    if device == "cuda":
+        capacity: int | None = int(node.gpu_memory_gb * GiB)
+    else:  # CPU ranks share the node's RAM when it is given
+        capacity = int(node.memory_gb * GiB / ranks_on_node) if node.memory_gb else None
+    budget = round(serve.kv_cache_fraction * capacity) if capacity is not None else None
+    if budget is not None and weights + act > budget:
+        where = f"rank {s * tp + r} (stage {s}, {node.name}" + (f" GPU {gpu})" if gpu is not None else ")")
+        unit = "GPU" if device == "cuda" else "memory share"
+        raise plan_error("parallelism", f"the model does not fit: {where} needs {_gib(weights)} of weights "
+                         f"+ {_gib(act)} of activations = {_gib(weights + act)}, but kv_cache_fraction "
+                         f"{serve.kv_cache_fraction} of its {_gib(capacity)} {unit} is {_gib(budget)}; "
+                         f"use more GPUs (tensor/pipeline), a smaller dtype or quantization")
+    block = serve.block_size * per_tok
+    return dict(
+        global_rank=s * tp + r, tp_rank=r, pp_rank=s, node=node.name, address=node.address, gpu=gpu,
+        layer_start=start, layer_stop=stop, weights_bytes=weights, activation_bytes=act,
+        kv_bytes_per_token=per_tok, kv_block_bytes=block, capacity_bytes=capacity, budget_bytes=budget,
+        max_kv_blocks=(budget - weights - act) // block if budget is not None else None,
+    )
+
+
 def make_plan(topo: Topology, cfg: ModelConfig, *, local_gpus: int | None = None) -> Plan:
     """Place every rank and size its memory; PlanError (with the numbers) when it does not fit."""
     tp, pp = topo.parallelism.tensor, topo.parallelism.pipeline
@@ -279,41 +306,15 @@ def make_plan(topo: Topology, cfg: ModelConfig, *, local_gpus: int | None = None
                          f"max_position_embeddings ({cfg.max_position_embeddings})")
     device = resolve_device(topo, local_gpus)
     nodes = plan_nodes(topo, device, local_gpus)
-    convert = choose_convert_node(topo, nodes)
+    convert = choose_convert_node(nodes)
     placed = place_stages(topo, device, nodes)
     layers = stage_layers(cfg.num_layers, pp)
-    dtype, quant = topo.model.dtype, topo.build.quantization
     per_node = {n.name: 0 for n in nodes}
     for node, _ in placed:
         per_node[node.name] += tp
 
-    drafts: list[dict[str, Any]] = []
-    for s, (node, gpus) in enumerate(placed):
-        start, stop = layers[s]
-        for r in range(tp):
-            weights = shard_weight_bytes(cfg, tp, pp, r, s, dtype, quant)
-            act = activation_bytes(cfg, tp, r, s == pp - 1, serve.max_num_batched_tokens, serve.max_num_seqs, dtype)
-            per_tok = kv_bytes_per_token(cfg, tp, r, stop - start, dtype)
-            if device == "cuda":
-                capacity: int | None = int(node.gpu_memory_gb * GiB)
-            else:
-                capacity = int(node.memory_gb * GiB / per_node[node.name]) if node.memory_gb else None
-            budget = round(serve.kv_cache_fraction * capacity) if capacity is not None else None
-            where = f"rank {s * tp + r} (stage {s}, {node.name}" + (f" GPU {gpus[r]})" if gpus[r] is not None else ")")
-            if budget is not None and weights + act > budget:
-                unit = "GPU" if device == "cuda" else "memory share"
-                raise plan_error("parallelism", f"the model does not fit: {where} needs {_gib(weights)} of weights "
-                                 f"+ {_gib(act)} of activations = {_gib(weights + act)}, but kv_cache_fraction "
-                                 f"{serve.kv_cache_fraction} of its {_gib(capacity)} {unit} is {_gib(budget)}; "
-                                 f"use more GPUs (tensor/pipeline), a smaller dtype or quantization")
-            block = serve.block_size * per_tok
-            drafts.append(dict(
-                global_rank=s * tp + r, tp_rank=r, pp_rank=s, node=node.name, address=node.address, gpu=gpus[r],
-                layer_start=start, layer_stop=stop, weights_bytes=weights, activation_bytes=act,
-                kv_bytes_per_token=per_tok, kv_block_bytes=block, capacity_bytes=capacity, budget_bytes=budget,
-                max_kv_blocks=(budget - weights - act) // block if budget is not None and block else None,
-            ))
-
+    drafts = [_size_rank(topo, cfg, device, s, r, node, gpus[r], layers[s], per_node[node.name])
+              for s, (node, gpus) in enumerate(placed) for r in range(tp)]
     demand = -(-serve.max_num_seqs * serve.max_seq_len // serve.block_size)
     limits = [d["max_kv_blocks"] for d in drafts if d["max_kv_blocks"] is not None]
     if device == "cpu":
@@ -333,7 +334,8 @@ def make_plan(topo: Topology, cfg: ModelConfig, *, local_gpus: int | None = None
     used = {convert.name} | {node.name for node, _ in placed}
     return Plan(
         name=topo.name, topology_hash=topo.topology_hash(), model_path=str(topo.model.path),
-        model_config=cfg.to_dict(), num_params=cfg.num_params(), dtype=dtype, quantization=quant, device=device,
+        model_config=cfg.to_dict(), num_params=cfg.num_params(), dtype=topo.model.dtype, quantization=topo.build.quantization,
+        device=device,
         tensor=tp, pipeline=pp, world_size=tp * pp, convert_node=convert.name,
         nodes=[NodePlan(n.name, n.address, n.gpus, n.memory_gb, list(n.roles), dict(n.resources))
                for n in nodes if n.name in used],
