@@ -106,7 +106,7 @@ def stop_embedded_head() -> bool:
         return False
     _embedded_file().unlink(missing_ok=True)
     if info.get("pgid"):
-        stop_process_group(int(info["pgid"]))
+        stop_process_group(int(info["pgid"]), timeout=5)
     return True
 
 
