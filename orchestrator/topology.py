@@ -37,28 +37,28 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     path: Annotated[Path, Field(strict=False)] = Field(
-        description="a checkpoint directory path (config.json, *.safetensors, tokenizer.json), "
-        "relative to the topology file")
+        description="a directory path; a Hugging Face checkpoint (config.json, *.safetensors, "
+        "tokenizer.json), relative to the topology file")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "bfloat16", description="one of float32, float16, bfloat16")
 
 
 class Parallelism(_Section):
-    tensor: PosInt = Field(1, description="a positive integer (GPUs per tensor-parallel group)")
-    pipeline: PosInt = Field(1, description="a positive integer (pipeline stages)")
+    tensor: PosInt = Field(1, description="a positive integer; GPUs per tensor-parallel group")
+    pipeline: PosInt = Field(1, description="a positive integer; pipeline stages")
 
 
 class Node(_Section):
-    name: str = Field(description="a node name (letters, digits, '.', '_', '-')")
-    address: str = Field(description="a Ray node IP address or label selector string")
-    gpus: Annotated[int, Field(ge=0)] = Field(0, description="a non-negative integer (GPUs on the node)")
+    name: str = Field(description="a string; the node's name (letters, digits, '.', '_', '-')")
+    address: str = Field(description="a string; the Ray node IP address or label selector")
+    gpus: Annotated[int, Field(ge=0)] = Field(0, description="a non-negative integer; GPUs on the node")
     gpu_memory_gb: Annotated[float, Field(gt=0)] = Field(
-        80.0, description="a positive number (GiB of memory per GPU)")
+        80.0, description="a positive number; GiB of memory per GPU")
     memory_gb: Annotated[float, Field(gt=0)] | None = Field(
-        None, description="a positive number (GiB of host RAM)")
+        None, description="a positive number; GiB of host RAM")
     roles: list[Literal["convert", "serve"]] = Field(
         default_factory=list,
-        description="a list of roles from: convert, serve (no roles: the node may do both)")
+        description="a list of roles from: convert, serve; no roles: the node may do both")
     resources: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=dict, description="a mapping of Ray custom resource name to a non-negative number")
 
@@ -92,8 +92,8 @@ class Node(_Section):
 class BuildSection(_Section):
     quantization: Literal["none", "fp8", "int8_wo", "int4_wo"] = Field(
         "none", description="one of none, fp8, int8_wo, int4_wo")
-    artifacts: str = Field("./.orch/artifacts", description="an artifact store directory (relative to the "
-                           "topology file) or URI")
+    artifacts: str = Field("./.orch/artifacts", description="a string; the artifact store directory (relative to "
+                           "the topology file) or URI")
 
     @field_validator("artifacts")
     @classmethod
@@ -104,18 +104,18 @@ class BuildSection(_Section):
 
 
 class ServeSection(_Section):
-    host: str = Field("127.0.0.1", description="a host or IP address string to listen on")
+    host: str = Field("127.0.0.1", description="a string; the host or IP address to listen on")
     port: Port = Field(50051, description="a TCP port number (1-65535)")
     metrics_port: Port | None = Field(
-        None, description="a TCP port number (1-65535) for Prometheus metrics; default port + 1000 "
+        None, description="a TCP port number (1-65535); Prometheus metrics, default port + 1000 "
         "(port - 1000 when that exceeds 65535)")
-    max_num_seqs: PosInt = Field(256, description="a positive integer (sequences running at once)")
-    max_seq_len: PosInt = Field(4096, description="a positive integer (prompt + generated tokens per sequence)")
+    max_num_seqs: PosInt = Field(256, description="a positive integer; sequences running at once")
+    max_seq_len: PosInt = Field(4096, description="a positive integer; prompt + generated tokens per sequence")
     max_num_batched_tokens: PosInt = Field(
-        2048, description="a positive integer (tokens per engine step; prefill is chunked to fit)")
+        2048, description="a positive integer; tokens per engine step (prefill is chunked to fit)")
     kv_cache_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
-        0.9, description="a number in (0, 1] (share of GPU memory for weights, activations and KV cache)")
-    block_size: PosInt = Field(16, description="a power of two (tokens per KV-cache block)")
+        0.9, description="a number in (0, 1]; share of GPU memory for weights, activations and KV cache")
+    block_size: PosInt = Field(16, description="a power of two; tokens per KV-cache block")
 
     @field_validator("block_size")
     @classmethod
@@ -133,10 +133,10 @@ class ServeSection(_Section):
 class Topology(_Section):
     """A parsed topology file."""
 
-    name: str = Field(description="a lowercase name (letters, digits, '-'; at most 63 characters)")
+    name: str = Field(description="a lowercase name of letters, digits and '-' (at most 63 characters)")
     model: ModelSection = Field(description="a mapping with keys path, dtype")
     parallelism: Parallelism = Field(default_factory=Parallelism, description="a mapping with keys tensor, pipeline")
-    nodes: list[Node] = Field(default_factory=list, description="a list of node mappings (absent: this machine)")
+    nodes: list[Node] = Field(default_factory=list, description="a list of node mappings; absent: this machine")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="one of auto, cuda, cpu")
     build: BuildSection = Field(default_factory=BuildSection, description="a mapping with keys quantization, artifacts")
     serve: ServeSection = Field(default_factory=ServeSection, description="a mapping of serving settings")
@@ -355,7 +355,7 @@ def _expectation(path: tuple) -> str | None:
             continue
         cls = _section_at(path[:cut - 1])
         if cls and str(part) in cls.model_fields:
-            return cls.model_fields[str(part)].description
+            return (cls.model_fields[str(part)].description or "").split("; ")[0] or None
     return None
 
 
@@ -429,5 +429,5 @@ def schema_reference() -> str:
 def _default_text(field: Any) -> str:
     if field.default_factory is not None:
         val = field.default_factory()
-        return "none" if not val else repr(val)
+        return "empty" if not val else repr(val)
     return "unset" if field.default is None else str(field.default)

@@ -106,8 +106,7 @@ def test_bad_topology_names_file_line_and_key(text: str, line: int, key: str, wo
 def test_exact_message_of_the_issue_example() -> None:
     with pytest.raises(TopologyError) as ei:
         parse_topology(mutate(6, "  tensor: two").replace("MODEL", "m"), "cluster.yaml")
-    assert str(ei.value) == "cluster.yaml:6: parallelism.tensor: must be a positive integer (GPUs per " \
-                            "tensor-parallel group), got 'two'"
+    assert str(ei.value) == "cluster.yaml:6: parallelism.tensor: must be a positive integer, got 'two'"
 
 
 def test_several_mistakes_are_reported_in_line_order() -> None:
