@@ -269,6 +269,10 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- with $root.Values.podSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   containers:
     - name: {{ if eq .component "head" }}ray-head{{ else }}ray-worker{{ end }}
       image: {{ include "orch.image" $root }}
