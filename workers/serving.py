@@ -1,0 +1,315 @@
+"""The model-facing half of a server: the engine thread, request validation, async token streams.
+
+RPC front ends (workers/server.py for orch.v1, workers/kserve.py for KServe v2) turn wire messages
+into `GenerationRequest`s, call `Serving.prepare` / `Serving.stream`, and turn `SeqOutput`s back.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import torch
+
+from workers.block_manager import BlockManager
+from workers.engine import StepInput
+from workers.metrics import ServerMetrics
+from workers.models.config import ModelConfig
+from workers.sampling import InvalidParams, SamplingParams
+from workers.scheduler import Scheduler, SchedulerConfig, SeqOutput
+from workers.sequence import FinishReason, Sequence
+from workers.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A request the server refuses; `code` names a grpc.StatusCode (INVALID_ARGUMENT, NOT_FOUND...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ModelInfo:
+    """What a server serves and its limits."""
+
+    name: str
+    model_config: ModelConfig
+    max_seq_len: int
+    block_size: int
+    num_kv_blocks: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "float32"
+    device: str = "cpu"
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    """One validated request, ready for the scheduler."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    want_text: bool = True
+    skip_special_tokens: bool = True
+
+
+Sink = Callable[["SeqOutput | BaseException"], None]
+
+
+class EngineLoop:
+    """Runs the scheduler and the engine in one thread, stepping while there is work.
+
+    Other threads `submit` and `abort` through a queue; each sequence's outputs go to its sink,
+    called from the engine thread.
+    """
+
+    def __init__(self, scheduler: Scheduler, run_step: Callable[[StepInput], torch.Tensor],
+                 tokenizer: Tokenizer | None, metrics: ServerMetrics) -> None:
+        self.scheduler = scheduler
+        self.run_step = run_step
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.healthy = True
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._sinks: dict[int, Sink] = {}
+        self._arrivals: dict[int, float] = {}
+        self._last_token: dict[int, float] = {}
+        self._seen_queried = self._seen_hits = 0
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._stop = False
+
+    # --- called from any thread ---
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, req: GenerationRequest, sink: Sink) -> int:
+        """Queue a request; returns its sequence id (for abort)."""
+        seq = Sequence(next(self._ids), list(req.prompt_token_ids), req.params)
+        if req.want_text and self.tokenizer is not None:
+            seq.detokenizer = self.tokenizer.detokenizer(req.prompt_token_ids, req.skip_special_tokens)
+        self._inbox.put(("add", seq, sink))
+        return seq.seq_id
+
+    def abort(self, seq_id: int) -> None:
+        """Cancel a sequence; its blocks are freed before the next step."""
+        self._inbox.put(("abort", seq_id, None))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the current step, abort what is left and end the thread."""
+        self._inbox.put(("stop", None, None))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # --- the engine thread ---
+    def _handle(self, op: str, arg, sink: Sink | None) -> None:
+        if op == "add":
+            self.scheduler.add(arg)
+            self._sinks[arg.seq_id] = sink
+            self._arrivals[arg.seq_id] = arg.arrival_time
+            self.metrics.prompt_tokens.inc(arg.num_prompt_tokens)
+        elif op == "abort":
+            if self.scheduler.abort(arg) is not None:
+                self.metrics.requests.labels("cancelled").inc()
+                log.debug("sequence %d cancelled", arg)
+            self._forget(arg)
+        elif op == "stop":
+            self._stop = True
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._drain(block=not self.scheduler.has_work())
+            self._update_gauges()
+            if self._stop or not self.scheduler.has_work():
+                continue
+            try:
+                outs = self.scheduler.step(self.run_step)
+            except Exception as e:  # the engine failed: fail every request, keep answering
+                log.exception("engine step failed")
+                self.healthy = False
+                self._fail_all(e)
+                continue
+            self._deliver(outs)
+        self._fail_all(RequestError("UNAVAILABLE", "server is shutting down"))
+
+    def _fail_all(self, err: BaseException) -> None:
+        for seq_id in list(self.scheduler.seqs):
+            self.scheduler.abort(seq_id)
+            sink = self._sinks.get(seq_id)
+            self._forget(seq_id)
+            if sink is not None:
+                self.metrics.requests.labels("failed").inc()
+                sink(err)
+        self._update_gauges()
+
+    def _forget(self, seq_id: int) -> None:
+        self._sinks.pop(seq_id, None)
+        self._arrivals.pop(seq_id, None)
+        self._last_token.pop(seq_id, None)
+
+    def _deliver(self, outs: list[SeqOutput]) -> None:
+        m, s, now = self.metrics, self.scheduler, time.monotonic()
+        for o in outs:
+            sink = self._sinks.get(o.seq_id)
+            prev = self._last_token.get(o.seq_id)
+            if prev is None:
+                m.ttft.observe(now - self._arrival(o))
+            else:
+                m.itl.observe(now - prev)
+            self._last_token[o.seq_id] = now
+            m.generated_tokens.inc(len(o.token_ids))
+            if o.finished:
+                m.e2e.observe(now - self._arrival(o))
+                m.requests.labels("completed").inc()
+                self._forget(o.seq_id)
+            if sink is not None:
+                sink(o)
+        m.preemptions.inc(s.last_stats.num_preempted)
+        m.step_tokens.observe(s.last_stats.num_tokens)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        m, s = self.metrics, self.scheduler
+        bm = s.bm
+        m.queue_length.set(len(s.waiting))
+        m.running.set(len(s.running))
+        m.kv_used.set(bm.num_used_blocks)
+        m.kv_free.set(bm.num_free_blocks)
+        m.prefix_queried.inc(bm.queried_tokens - self._seen_queried)
+        m.prefix_hits.inc(bm.hit_tokens - self._seen_hits)
+        self._seen_queried, self._seen_hits = bm.queried_tokens, bm.hit_tokens
+        m.prefix_hit_rate.set(bm.hit_rate())
+
+    def _arrival(self, o: SeqOutput) -> float:
+        return self._arrivals.get(o.seq_id, time.monotonic())
+
+
+class Serving:
+    """Validates requests and streams their outputs to asyncio code (one per server)."""
+
+    def __init__(self, info: ModelInfo, loop: EngineLoop, tokenizer: Tokenizer | None) -> None:
+        self.info = info
+        self.loop = loop
+        self.tokenizer = tokenizer
+        self.metrics = loop.metrics
+
+    # --- validation ---
+    def check_model(self, name: str) -> None:
+        """Raise NOT_FOUND unless name is empty or names the served model."""
+        if name and name != self.info.name and name not in self.info.aliases:
+            raise RequestError("NOT_FOUND", f"unknown model {name!r}; this server serves {self.info.name!r}")
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text with the model's tokenizer."""
+        if self.tokenizer is None:
+            raise RequestError("FAILED_PRECONDITION", "the served model has no tokenizer.json: send token ids")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def prepare(self, *, model: str = "", prompt: str = "", prompt_token_ids: list[int] | None = None,
+                params: SamplingParams, request_id: str = "", want_text: bool = True,
+                skip_special_tokens: bool = True) -> GenerationRequest:
+        """Check a request and turn it into a GenerationRequest; raises RequestError."""
+        try:
+            return self._prepare(model, prompt, prompt_token_ids, params, request_id, want_text, skip_special_tokens)
+        except RequestError:
+            self.metrics.requests.labels("rejected").inc()
+            raise
+
+    def _prepare(self, model, prompt, ids, params, request_id, want_text, skip_special) -> GenerationRequest:
+        self.check_model(model)
+        ids = list(ids or [])
+        if prompt and ids:
+            raise RequestError("INVALID_ARGUMENT", "give the prompt as text or as token ids, not both")
+        if prompt:
+            ids = self.tokenize(prompt)
+        if not ids:
+            raise RequestError("INVALID_ARGUMENT", "empty prompt: send a non-empty prompt or prompt_token_ids")
+        vocab = self.info.model_config.vocab_size
+        for i, t in enumerate(ids):
+            if not 0 <= t < vocab:
+                raise RequestError("INVALID_ARGUMENT",
+                                   f"prompt token id {t} at index {i} is outside the vocabulary [0, {vocab})")
+        try:
+            params.validate()
+        except InvalidParams as e:
+            raise RequestError("INVALID_ARGUMENT", str(e)) from None
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise RequestError("INVALID_ARGUMENT", f"stop_token_ids {bad} are outside the vocabulary [0, {vocab})")
+        limit = self.info.max_seq_len
+        if len(ids) + params.max_tokens > limit:
+            raise RequestError("INVALID_ARGUMENT", f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                                                   f"= {len(ids) + params.max_tokens} exceeds max_seq_len {limit}")
+        if not self.loop.healthy:
+            raise RequestError("UNAVAILABLE", "the engine failed; see the server log")
+        return GenerationRequest(ids, params, request_id or uuid.uuid4().hex, want_text, skip_special)
+
+    # --- generation ---
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[SeqOutput]:
+        """Outputs of one request as the engine produces them; leaving early cancels the request."""
+        aio_loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def sink(item) -> None:
+            try:
+                aio_loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # event loop already closed
+                pass
+
+        seq_id = self.loop.submit(req, sink)
+        done = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, RequestError):
+                    done = True
+                    raise item
+                if isinstance(item, BaseException):
+                    done = True
+                    raise RequestError("INTERNAL", f"engine failed: {item}")
+                if item.finished:
+                    done = True
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:
+                self.loop.abort(seq_id)
+
+
+def finish_name(reason: FinishReason | None) -> str:
+    """Wire name of a finish reason ('' while running)."""
+    return reason.value if reason is not None else ""
+
+
+def make_scheduler(info: ModelInfo, enable_prefix_caching: bool = True) -> Scheduler:
+    """A scheduler with a fresh block manager sized by info."""
+    bm = BlockManager(info.num_kv_blocks, info.block_size, enable_prefix_caching)
+    cfg = SchedulerConfig(max_num_seqs=info.max_num_seqs, max_num_batched_tokens=info.max_num_batched_tokens,
+                          max_seq_len=info.max_seq_len)
+    return Scheduler(cfg, bm, info.model_config.eos_token_ids)
