@@ -83,7 +83,9 @@ def spec_from_topology(topo, plan, nodes: list[dict]) -> DeploymentSpec:
             per_rank = {k: v / spec_node.gpus for k, v in spec_node.resources.items()}
         ranks.append(RankSpec(r.global_rank, r.tp_rank, r.pp_rank, r.node, node["node_id"], node["ip"], per_rank))
     conv = mapping.get(plan.convert_node) or next(iter(mapping.values()))
-    serve = topo.serve.model_dump(mode="json") if hasattr(topo.serve, "model_dump") else dict(vars(topo.serve))
+    serve = topo.serve.model_dump(mode="json")
+    serve.update(num_kv_blocks=plan.num_kv_blocks, block_size=plan.block_size, metrics_port=plan.metrics_port,
+                 max_num_batched_tokens=plan.max_num_batched_tokens)
     return DeploymentSpec(
         name=topo.name, model_dir=str(topo.model.path), dtype=topo.model.dtype,
         tp=topo.parallelism.tensor, pp=topo.parallelism.pipeline, device=device,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 from rich.console import Console
 
@@ -26,22 +25,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import json
-
+def apply_file(path: str, address: str | None, console: Console) -> dict:
+    """Validate, plan and apply a topology file, showing the controller's progress; returns its result."""
     import ray
 
     from orchestrator import ray_cluster
     from orchestrator.controller import get_controller
     from orchestrator.deploy_spec import spec_from_topology
-    from orchestrator.plan import make_plan
-    from orchestrator.topology import load_topology
-    from workers.models.config import load_model_config
+    from orchestrator.localhost import detect_local_gpus
+    from orchestrator.validation import load_and_validate
 
-    console = Console(stderr=True)
-    topo = load_topology(args.file)
-    plan = make_plan(topo, load_model_config(topo.model.path))
-    conn = ray_cluster.connect(args.address)
+    topo, _, plan = load_and_validate(path, local_gpus=detect_local_gpus())
+    conn = ray_cluster.connect(address)
     spec = spec_from_topology(topo, plan, ray_cluster.ray_nodes())
     console.print(f"[bold]orch apply[/] {topo.name}: {spec.tp * spec.pp} ranks (tp={spec.tp} pp={spec.pp}) "
                   f"on {spec.device}, Ray at {conn.address}{' (embedded)' if conn.embedded else ''}")
@@ -58,8 +53,6 @@ def run(args: argparse.Namespace) -> int:
         if done:
             break
     result = ray.get(ref)
-    if args.json:
-        print(json.dumps(result))
     if not result["ok"]:
         still = f"; the previous deployment keeps serving at {result['endpoint']}" if result.get("endpoint") else ""
         raise RuntimeFailure(f"apply {spec.name}: {result['error']}{still}")
@@ -67,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[green]unchanged[/]: {spec.name} already serving at {result['endpoint']}")
     else:
         console.print(f"[green]serving[/] {spec.name} at {result['endpoint']} ({', '.join(result['actions'])})")
-    if not args.json:
-        print(result["endpoint"])
-    time.sleep(0)  # keep ray connection tidy
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    result = apply_file(args.file, args.address, Console(stderr=True))
+    print(json.dumps(result) if args.json else result["endpoint"])
     return 0

@@ -1,0 +1,96 @@
+"""RankActor: one serving rank inside a Ray actor.
+
+Every rank joins the torch.distributed group through the rendezvous the controller hands out and
+loads its shard (or engine); rank 0 (first stage, tp rank 0) also runs the gRPC front end.
+A leaf of the control plane: it gets everything as arguments and never imports the controller.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote
+class RankActor:
+    def __init__(self) -> None:
+        self.rank: int | None = None
+        self.server = None
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a free port on it, for the group's init_method."""
+        from workers.dist import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def start(self, *, rank_dir: str, rank: int, world_size: int, tp: int, pp: int, init_method: str,
+              device: str, serve: dict) -> dict:
+        """Join the group and load the shard; rank 0 returns once its gRPC server is up."""
+        from workers.engine import run_rank
+
+        self.rank = rank
+        kv = dict(num_kv_blocks=serve["num_kv_blocks"], block_size=serve["block_size"])
+        if rank != 0:
+            loaded = threading.Event()
+
+            def follow() -> None:
+                try:
+                    run_rank(rank_dir, rank, world_size, tp, pp, init_method, device=device,
+                             on_ready=lambda _engine: loaded.set(), **kv)
+                except BaseException as e:  # noqa: BLE001 - reported through health()/start()
+                    self.error = e
+                    loaded.set()
+
+            self.thread = threading.Thread(target=follow, name=f"orch-rank-{rank}", daemon=True)
+            self.thread.start()
+            loaded.wait()
+            if self.error is not None:
+                raise self.error
+            return {"rank": rank}
+        engine = run_rank(rank_dir, 0, world_size, tp, pp, init_method, device=device, **kv)
+        return self._start_front_end(engine, rank_dir, device, serve, tp, pp)
+
+    def _start_front_end(self, engine, rank_dir: str, device: str, serve: dict, tp: int, pp: int) -> dict:
+        from workers.models.config import ModelConfig
+        from workers.server import ServerConfig, ServerThread, load_tokenizer
+        from workers.serving import ModelInfo
+
+        manifest = json.loads((Path(rank_dir) / "manifest.json").read_text())
+        mc = ModelConfig.from_dict(manifest["model_config"])
+        cfg = ServerConfig(shard_dir=Path(rank_dir), model_name=serve.get("model_name") or "model",
+                           host=serve["host"], port=serve["port"], metrics_port=serve.get("metrics_port"),
+                           device=device, max_num_seqs=serve["max_num_seqs"], max_seq_len=serve["max_seq_len"],
+                           max_num_batched_tokens=serve["max_num_batched_tokens"], block_size=serve["block_size"],
+                           num_kv_blocks=serve["num_kv_blocks"])
+        max_seq_len = min(cfg.max_seq_len, mc.max_position_embeddings, cfg.num_kv_blocks * cfg.block_size)
+        info = ModelInfo(name=cfg.model_name, model_config=mc, max_seq_len=max_seq_len, block_size=cfg.block_size,
+                         num_kv_blocks=cfg.num_kv_blocks, max_num_seqs=cfg.max_num_seqs,
+                         max_num_batched_tokens=cfg.max_num_batched_tokens, tp=tp, pp=pp,
+                         dtype=manifest["dtype"], device=device, aliases=("ensemble",))
+        try:
+            self.server = ServerThread(cfg, engine=engine, info=info, tokenizer=load_tokenizer(cfg))
+        except BaseException:
+            engine.shutdown()
+            raise
+        host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address()
+        metrics = f"{host}:{self.server.metrics_port}" if self.server.metrics_port else None
+        return {"rank": 0, "endpoint": f"{host}:{self.server.port}", "metrics": metrics}
+
+    def health(self) -> bool:
+        if self.rank == 0:
+            return self.server is not None and self.server.server.loop.healthy
+        return self.thread is not None and self.thread.is_alive() and self.error is None
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        if self.thread is not None:
+            self.thread.join(15)
