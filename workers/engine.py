@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Callable, Any
 
 import torch
 
@@ -268,9 +268,10 @@ def _block_tables(chunks: list[SeqChunk], device: torch.device) -> torch.Tensor:
 
 def run_rank(shard_dir: Path | str, rank: int, world_size: int, tp: int, pp: int, init_method: str,
              device: str = "cpu", num_kv_blocks: int = 256, block_size: int = 16,
-             backend: str | None = None) -> Engine | None:
+             backend: str | None = None, on_ready: Callable[[Engine], None] | None = None) -> Engine | None:
     """Start one rank: join the group, load its shard; the driver gets its Engine back (to embed in a
-    server; call engine.shutdown() at the end), other ranks serve until the driver shuts down."""
+    server; call engine.shutdown() at the end), other ranks serve until the driver shuts down.
+    on_ready(engine) is called once the shard is loaded, before serving."""
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", rank % torch.cuda.device_count())
@@ -282,6 +283,8 @@ def run_rank(shard_dir: Path | str, rank: int, world_size: int, tp: int, pp: int
     except BaseException:
         ctx.close()
         raise
+    if on_ready is not None:
+        on_ready(engine)
     if ctx.is_driver:
         return engine
     try:
