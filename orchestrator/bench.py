@@ -1,6 +1,7 @@
-"""Serving benchmark: synthetic workload, asyncio gRPC load generator, latency/throughput statistics.
+"""Serving benchmark: configuration, synthetic workload and the asyncio load generator.
 
-Pure of the CLI (orchestrator/commands/bench.py drives it). Every request is timed on the client with
+Pure of the CLI (orchestrator/commands/bench.py drives it). Clients live in bench_clients.py,
+statistics, tables and plots in bench_stats.py. Every request is timed on the client with
 time.perf_counter_ns (monotonic); a failed request is kept as a record with its gRPC status name and
 counted in the errors, never dropped.
 """
@@ -12,10 +13,12 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+from orchestrator.bench_clients import RequestFailed, ServerInfo, make_protocol
+from orchestrator.bench_stats import BenchSummary, RequestRecord, summarize
 from orchestrator.errors import OrchError
 
 log = logging.getLogger(__name__)
@@ -23,7 +26,6 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("orch", "kserve")
 LEN_DISTS = ("fixed", "uniform", "normal")
 SWEEP_KEYS = {"concurrency": int, "request_rate": float}
-PERCENTILES = (50, 90, 99)
 STREAMS_PER_CHANNEL = 64  # concurrent streams per HTTP/2 connection before opening another
 
 
@@ -69,8 +71,6 @@ class BenchConfig:
             raise bad("--endpoint", self.endpoint, "HOST:PORT")
         if self.protocol not in PROTOCOLS:
             raise bad("--protocol", self.protocol, " or ".join(PROTOCOLS))
-        if self.protocol == "kserve" and not self.model:
-            raise bad("--model", self.model, "the KServe model name (required with --protocol kserve)")
         for flag, v in (("--input-len", self.input_len), ("--output-len", self.output_len)):
             if v < 1:
                 raise bad(flag, v, "an integer >= 1")
@@ -213,389 +213,6 @@ class Workload:
 
 
 # ----------------------------------------------------------------------------------------------------
-# per-request record and statistics
-
-
-@dataclass
-class RequestRecord:
-    """What the client saw of one request; times are perf_counter_ns values."""
-
-    index: int
-    input_len: int
-    requested_output_len: int
-    scheduled_ns: int = 0  # when the request was due (Poisson) or taken (concurrency)
-    start_ns: int = 0
-    end_ns: int = 0
-    chunk_ns: list[int] = field(default_factory=list)  # arrival of each streamed message carrying tokens
-    chunk_tokens: list[int] = field(default_factory=list)  # tokens in each such message
-    server_output_tokens: int | None = None  # the server's own count (usage), when it sends one
-    server_prompt_tokens: int | None = None
-    finish_reason: str = ""
-    status: str = "OK"
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """Whether the request succeeded."""
-        return self.status == "OK"
-
-    @property
-    def output_tokens(self) -> int:
-        """Tokens the client received."""
-        return sum(self.chunk_tokens)
-
-    def ttft_ms(self) -> float | None:
-        """Time to first token (ms)."""
-        return (self.chunk_ns[0] - self.start_ns) / 1e6 if self.chunk_ns else None
-
-    def e2e_ms(self) -> float:
-        """Send to last byte (ms)."""
-        return (self.end_ns - self.start_ns) / 1e6
-
-    def tpot_ms(self) -> float | None:
-        """Time per output token after the first: (last token - first token) / (tokens - 1) (ms)."""
-        n = self.output_tokens
-        if n < 2 or len(self.chunk_ns) < 1:
-            return None
-        return (self.chunk_ns[-1] - self.chunk_ns[0]) / 1e6 / (n - 1)
-
-    def itls_ms(self) -> list[float]:
-        """Gaps between consecutive token-carrying messages (ms)."""
-        t = self.chunk_ns
-        return [(t[i] - t[i - 1]) / 1e6 for i in range(1, len(t))]
-
-    def to_dict(self, t0_ns: int = 0) -> dict:
-        """JSON-ready form with times in ms relative to t0_ns."""
-        d = asdict(self)
-        for k in ("scheduled_ns", "start_ns", "end_ns"):
-            d[k.replace("_ns", "_ms")] = round((d.pop(k) - t0_ns) / 1e6, 3)
-        d["chunk_ms"] = [round((t - t0_ns) / 1e6, 3) for t in d.pop("chunk_ns")]
-        d["output_tokens"] = self.output_tokens
-        return d
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """q-th percentile (0..100) of ascending values, linear interpolation between closest ranks."""
-    if not sorted_values:
-        return math.nan
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-@dataclass
-class Dist:
-    """Summary of a latency sample (ms)."""
-
-    n: int
-    mean: float
-    min: float
-    max: float
-    p50: float
-    p90: float
-    p99: float
-
-    @classmethod
-    def of(cls, values: list[float]) -> "Dist":
-        """Summarize values (NaNs when empty)."""
-        v = sorted(values)
-        if not v:
-            return cls(0, *([math.nan] * 6))
-        return cls(len(v), sum(v) / len(v), v[0], v[-1], *(percentile(v, q) for q in PERCENTILES))
-
-
-@dataclass
-class BenchSummary:
-    """The figures of one benchmark run (measured requests only, warm-up excluded)."""
-
-    protocol: str
-    endpoint: str
-    model: str
-    concurrency: int | None
-    request_rate: float | None
-    input_len: int
-    output_len: int
-    input_len_dist: str
-    output_len_dist: str
-    num_requests: int
-    completed: int
-    failed: int
-    errors: dict[str, int]
-    duration_s: float
-    request_throughput_req_per_s: float
-    output_throughput_tok_per_s: float
-    input_throughput_tok_per_s: float
-    total_input_tokens: int
-    total_output_tokens: int  # tokens received by successful requests (the throughput's numerator)
-    streamed_output_tokens: int  # tokens received by all requests, failed ones included
-    requested_output_tokens: int
-    output_len_mismatches: int  # successful requests whose token count differs from the one asked for
-    server_count_mismatches: int  # requests whose received count differs from the server's usage count
-    max_in_flight: int
-    ttft_ms: Dist
-    tpot_ms: Dist
-    itl_ms: Dist
-    e2e_ms: Dist
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form (NaN -> None)."""
-        def clean(x):
-            if isinstance(x, float) and math.isnan(x):
-                return None
-            if isinstance(x, dict):
-                return {k: clean(v) for k, v in x.items()}
-            if isinstance(x, list):
-                return [clean(v) for v in x]
-            return x
-        return clean(asdict(self))
-
-    def flat_metrics(self, prefix: str = "") -> dict[str, float]:
-        """Flat unit-carrying metric names (output_throughput_tok_per_s, ttft_p99_ms, ...)."""
-        m: dict[str, float] = {
-            "request_throughput_req_per_s": self.request_throughput_req_per_s,
-            "output_throughput_tok_per_s": self.output_throughput_tok_per_s,
-            "input_throughput_tok_per_s": self.input_throughput_tok_per_s,
-            "duration_s": self.duration_s,
-            "completed_requests": self.completed,
-            "failed_requests": self.failed,
-            "output_len_mismatches": self.output_len_mismatches,
-        }
-        for name in ("ttft", "tpot", "itl", "e2e"):
-            d: Dist = getattr(self, f"{name}_ms")
-            m[f"{name}_mean_ms"] = d.mean
-            for q in PERCENTILES:
-                m[f"{name}_p{q}_ms"] = getattr(d, f"p{q}")
-        return {prefix + k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
-
-
-def max_overlap(intervals: list[tuple[int, int]]) -> int:
-    """Largest number of [start, end) intervals open at one time."""
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    best = cur = 0
-    for _, d in events:
-        cur += d
-        best = max(best, cur)
-    return best
-
-
-def summarize(cfg: BenchConfig, records: list[RequestRecord], notes: list[str] | None = None) -> BenchSummary:
-    """Figures of a run from its request records (the run spans first send to last completion)."""
-    ok = [r for r in records if r.ok]
-    errors: dict[str, int] = {}
-    for r in records:
-        if not r.ok:
-            errors[r.status] = errors.get(r.status, 0) + 1
-    if records:
-        duration = (max(r.end_ns for r in records) - min(r.start_ns for r in records)) / 1e9
-    else:
-        duration = 0.0
-    out_tok = sum(r.output_tokens for r in ok)
-    in_tok = sum(r.server_prompt_tokens if r.server_prompt_tokens is not None else r.input_len for r in ok)
-    rate = (lambda x: x / duration) if duration > 0 else (lambda x: math.nan)
-    itls = [x for r in ok for x in r.itls_ms()]
-    return BenchSummary(
-        protocol=cfg.protocol, endpoint=cfg.endpoint, model=cfg.model,
-        concurrency=cfg.concurrency, request_rate=cfg.request_rate,
-        input_len=cfg.input_len, output_len=cfg.output_len,
-        input_len_dist=cfg.input_len_dist, output_len_dist=cfg.output_len_dist,
-        num_requests=len(records), completed=len(ok), failed=len(records) - len(ok),
-        errors=dict(sorted(errors.items())), duration_s=duration,
-        request_throughput_req_per_s=rate(len(ok)),
-        output_throughput_tok_per_s=rate(out_tok), input_throughput_tok_per_s=rate(in_tok),
-        total_input_tokens=in_tok, total_output_tokens=out_tok,
-        streamed_output_tokens=sum(r.output_tokens for r in records),
-        requested_output_tokens=sum(r.requested_output_len for r in ok),
-        output_len_mismatches=sum(1 for r in ok if r.output_tokens != r.requested_output_len),
-        server_count_mismatches=sum(1 for r in records if r.server_output_tokens is not None
-                                    and r.server_output_tokens != r.output_tokens),
-        max_in_flight=max_overlap([(r.start_ns, r.end_ns) for r in records]),
-        ttft_ms=Dist.of([x for r in ok if (x := r.ttft_ms()) is not None]),
-        tpot_ms=Dist.of([x for r in ok if (x := r.tpot_ms()) is not None]),
-        itl_ms=Dist.of(itls),
-        e2e_ms=Dist.of([r.e2e_ms() for r in ok]),
-        notes=list(notes or []),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# protocols: orch.v1 and KServe v2 over grpc.aio
-
-
-class RequestFailed(Exception):
-    """A request failed in a way that carries no gRPC status (e.g. a KServe in-stream error)."""
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class ServerInfo:
-    """What the server told about itself (fields stay None when it could not be asked)."""
-
-    model: str = ""
-    vocab_size: int | None = None
-    max_seq_len: int | None = None
-    eos_token_ids: list[int] = field(default_factory=list)
-    bos_token_id: int | None = None
-    inputs: list[str] = field(default_factory=list)
-    error: str = ""
-
-
-def _open_channels(endpoint: str, n: int) -> list:
-    import grpc
-
-    # a local subchannel pool gives each channel its own HTTP/2 connection
-    opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20)]
-    return [grpc.aio.insecure_channel(endpoint, options=opts) for _ in range(n)]
-
-
-class OrchProtocol:
-    """orch.v1.OrchService: token-id prompts, GenerateStream (or Generate with stream=False)."""
-
-    name = "orch"
-
-    def __init__(self, cfg: BenchConfig, n_channels: int):
-        from protos.orch.v1 import orch_pb2, orch_pb2_grpc
-
-        self.cfg, self.pb = cfg, orch_pb2
-        self.channels = _open_channels(cfg.endpoint, n_channels)
-        self.stubs = [orch_pb2_grpc.OrchServiceStub(ch) for ch in self.channels]
-
-    async def info(self) -> ServerInfo:
-        """ModelInfo."""
-        r = await self.stubs[0].ModelInfo(self.pb.ModelInfoRequest(model=self.cfg.model), **_info_call_args(self.cfg))
-        return ServerInfo(model=r.model, vocab_size=r.vocab_size or None, max_seq_len=r.max_seq_len or None,
-                          eos_token_ids=list(r.eos_token_ids), bos_token_id=r.bos_token_id)
-
-    def build(self, req: BenchRequest) -> object:
-        """The GenerateRequest of a BenchRequest."""
-        pb = self.pb
-        sampling = pb.SamplingParams(temperature=0.0, max_tokens=req.output_len, ignore_eos=self.cfg.ignore_eos)
-        return pb.GenerateRequest(model=self.cfg.model, prompt_token_ids=req.prompt, sampling=sampling,
-                                  request_id=f"bench-{req.index}")
-
-    async def send(self, msg: object, rec: RequestRecord, slot: int) -> None:
-        """Run one request, filling rec's times and token counts."""
-        stub = self.stubs[slot % len(self.stubs)]
-        clock = time.perf_counter_ns
-        tokens, times = rec.chunk_tokens, rec.chunk_ns
-        if not self.cfg.stream:
-            rec.start_ns = clock()
-            r = await stub.Generate(msg, timeout=self.cfg.timeout_s)
-            times.append(clock())
-            tokens.append(len(r.token_ids))
-            self._finish(rec, r)
-            return
-        rec.start_ns = clock()
-        call = stub.GenerateStream(msg, timeout=self.cfg.timeout_s)
-        async for r in call:
-            now = clock()
-            n = len(r.token_ids)
-            if n:
-                times.append(now)
-                tokens.append(n)
-            if r.finish_reason:
-                self._finish(rec, r)
-
-    def _finish(self, rec: RequestRecord, r: object) -> None:
-        rec.finish_reason = self.pb.FinishReason.Name(r.finish_reason)
-        if r.HasField("usage"):
-            rec.server_output_tokens = r.usage.completion_tokens
-            rec.server_prompt_tokens = r.usage.prompt_tokens
-
-    async def close(self) -> None:
-        """Close the channels."""
-        for ch in self.channels:
-            await ch.close()
-
-
-class KServeProtocol:
-    """KServe v2 GRPCInferenceService, Triton TensorRT-LLM tensor names, timed over ModelStreamInfer.
-
-    Inputs text_input (BYTES), max_tokens (INT32), stream (BOOL) and, when the model lists it,
-    ignore_eos (BOOL); output text_output (BYTES). Each streamed response carrying text_output counts
-    as one output token (Triton's decoupled streaming sends one response per token).
-    """
-
-    name = "kserve"
-
-    def __init__(self, cfg: BenchConfig, n_channels: int):
-        from protos.kserve import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-
-        self.cfg, self.pb = cfg, grpc_predict_v2_pb2
-        self.channels = _open_channels(cfg.endpoint, n_channels)
-        self.stubs = [grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(ch) for ch in self.channels]
-        self.inputs: list[str] = []
-
-    async def info(self) -> ServerInfo:
-        """ModelMetadata: the model's input names."""
-        r = await self.stubs[0].ModelMetadata(self.pb.ModelMetadataRequest(name=self.cfg.model),
-                                              **_info_call_args(self.cfg))
-        self.inputs = [t.name for t in r.inputs]
-        return ServerInfo(model=r.name, inputs=self.inputs)
-
-    def build(self, req: BenchRequest) -> object:
-        """The ModelInferRequest of a BenchRequest."""
-        pb = self.pb
-        T = pb.ModelInferRequest.InferInputTensor
-        C = pb.InferTensorContents
-        inputs = [
-            T(name="text_input", datatype="BYTES", shape=[1, 1], contents=C(bytes_contents=[req.prompt.encode()])),
-            T(name="max_tokens", datatype="INT32", shape=[1, 1], contents=C(int_contents=[req.output_len])),
-            T(name="stream", datatype="BOOL", shape=[1, 1], contents=C(bool_contents=[True])),
-        ]
-        if self.cfg.ignore_eos and "ignore_eos" in self.inputs:
-            inputs.append(T(name="ignore_eos", datatype="BOOL", shape=[1, 1], contents=C(bool_contents=[True])))
-        return pb.ModelInferRequest(
-            model_name=self.cfg.model, id=f"bench-{req.index}", inputs=inputs,
-            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="text_output")],
-            parameters={"triton_enable_empty_final_response": pb.InferParameter(bool_param=True)})
-
-    async def send(self, msg: object, rec: RequestRecord, slot: int) -> None:
-        """Run one request on its own ModelStreamInfer stream, filling rec."""
-        stub = self.stubs[slot % len(self.stubs)]
-        clock = time.perf_counter_ns
-        rec.start_ns = clock()
-        call = stub.ModelStreamInfer(timeout=self.cfg.timeout_s)
-        await call.write(msg)
-        await call.done_writing()
-        async for r in call:
-            now = clock()
-            if r.error_message:
-                call.cancel()
-                raise RequestFailed("INFER_ERROR", r.error_message)
-            ir = r.infer_response
-            if any(o.name == "text_output" for o in ir.outputs):
-                rec.chunk_ns.append(now)
-                rec.chunk_tokens.append(1)
-            p = ir.parameters.get("triton_final_response")
-            if p is not None and p.bool_param:
-                rec.finish_reason = "FINAL_RESPONSE"
-                call.cancel()
-                break
-
-    async def close(self) -> None:
-        """Close the channels."""
-        for ch in self.channels:
-            await ch.close()
-
-
-def _info_call_args(cfg: BenchConfig) -> dict:
-    if cfg.wait_ready_s > 0:
-        return {"timeout": cfg.wait_ready_s, "wait_for_ready": True}
-    return {"timeout": 10.0}
-
-
-def make_protocol(cfg: BenchConfig, n_channels: int) -> OrchProtocol | KServeProtocol:
-    """The client for cfg.protocol."""
-    return (OrchProtocol if cfg.protocol == "orch" else KServeProtocol)(cfg, n_channels)
-
-
-# ----------------------------------------------------------------------------------------------------
 # the load generator
 
 
@@ -730,14 +347,14 @@ async def run_bench_async(cfg: BenchConfig, hooks: Hooks | None = None) -> Bench
             server = ServerInfo(error=f"{e.code().name}: {e.details()}")
             notes.append(f"server info unavailable ({server.error})")
         vocab = server.vocab_size or FALLBACK_VOCAB
-        exclude = set(server.eos_token_ids) | ({server.bos_token_id} if server.bos_token_id else set())
+        exclude = set(server.eos_token_ids) | {b for b in [server.bos_token_id] if b is not None and b >= 0}
         tok = _load_tokenizer(cfg.tokenizer)
         if cfg.protocol == "kserve":
             notes.append("kserve: prompts are random words, " + ("exactly --input-len tokens of --tokenizer "
                          "(before any special tokens the server adds)" if tok else "about one token per word")
                          + "; output tokens are counted as one per streamed response")
-            if cfg.ignore_eos and server.inputs and "ignore_eos" not in server.inputs:
-                notes.append("kserve: the model has no ignore_eos input; outputs may stop early at EOS")
+            if cfg.ignore_eos and server.inputs and not {"ignore_eos", "min_length"} & set(server.inputs):
+                notes.append("kserve: the model has no min_length or ignore_eos input; outputs may stop at EOS")
         if cfg.protocol == "orch" and server.vocab_size is None:
             notes.append(f"prompt token ids drawn below {FALLBACK_VOCAB} (vocab size unknown)")
 
@@ -808,63 +425,4 @@ def parse_sweep(spec: str) -> tuple[str, list[int | float]]:
 
 def sweep_configs(cfg: BenchConfig, key: str, values: list[int | float]) -> list[BenchConfig]:
     """One config per sweep value (the request count follows the concurrency unless it was set)."""
-    from dataclasses import replace
-
     return [replace(cfg, **{key: v}).validate() for v in values]
-
-
-SWEEP_COLUMNS = [  # (header, summary -> value, format)
-    ("req/s", lambda s: s.request_throughput_req_per_s, "{:.2f}"),
-    ("out tok/s", lambda s: s.output_throughput_tok_per_s, "{:.1f}"),
-    ("TTFT p50 ms", lambda s: s.ttft_ms.p50, "{:.1f}"),
-    ("TTFT p99 ms", lambda s: s.ttft_ms.p99, "{:.1f}"),
-    ("TPOT p50 ms", lambda s: s.tpot_ms.p50, "{:.2f}"),
-    ("TPOT p99 ms", lambda s: s.tpot_ms.p99, "{:.2f}"),
-    ("ITL p99 ms", lambda s: s.itl_ms.p99, "{:.2f}"),
-    ("E2E p50 ms", lambda s: s.e2e_ms.p50, "{:.1f}"),
-    ("E2E p99 ms", lambda s: s.e2e_ms.p99, "{:.1f}"),
-    ("ok", lambda s: s.completed, "{}"),
-    ("errors", lambda s: s.failed, "{}"),
-]
-
-
-def sweep_table(key: str, summaries: list[BenchSummary]) -> tuple[list[str], list[list[str]]]:
-    """Headers and formatted rows of a sweep: one row per value."""
-    headers = [key] + [h for h, _, _ in SWEEP_COLUMNS]
-    rows = []
-    for s in summaries:
-        row = [str(getattr(s, key))]
-        for _, get, fmt in SWEEP_COLUMNS:
-            v = get(s)
-            row.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
-        rows.append(row)
-    return headers, rows
-
-
-def plot_sweep(key: str, summaries: list[BenchSummary], path: str | Path, title: str = "") -> Path:
-    """PNG of output throughput against TPOT p50 and TTFT p50, each point labelled with its sweep value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    tput = [s.output_throughput_tok_per_s for s in summaries]
-    for ax, (label, get) in zip(axes, [("TPOT p50 (ms)", lambda s: s.tpot_ms.p50),
-                                       ("TTFT p50 (ms)", lambda s: s.ttft_ms.p50)]):
-        lat = [get(s) for s in summaries]
-        ax.plot(lat, tput, marker="o")
-        for s, x, y in zip(summaries, lat, tput):
-            if not (math.isnan(x) or math.isnan(y)):
-                ax.annotate(f"{key}={getattr(s, key)}", (x, y), textcoords="offset points", xytext=(4, 4),
-                            fontsize=8)
-        ax.set_xlabel(label)
-        ax.set_ylabel("output throughput (tok/s)")
-        ax.grid(True, alpha=0.3)
-    fig.suptitle(title or f"orch bench: throughput vs latency ({key} sweep)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -17,7 +17,7 @@ Protocols:
           Triton TensorRT-LLM tensor names: text_input BYTES, max_tokens INT32, stream BOOL
           (+ ignore_eos BOOL when the model lists it) -> text_output BYTES. Prompts are random
           words, about one token each (exact with --tokenizer); each streamed response counts as
-          one output token. Needs --model.
+          one output token. --model defaults to "ensemble" (Triton's usual name).
 
 Load:
   --concurrency N        keep N requests in flight (closed loop).
@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--endpoint", required=True, metavar="HOST:PORT", help="gRPC address of the server")
     p.add_argument("--protocol", choices=["orch", "kserve"], default="orch", help="API to speak (default orch)")
-    p.add_argument("--model", default="", help="model name (orch: optional; kserve: required)")
+    p.add_argument("--model", default="", help="model name (orch: default the served one; kserve: default ensemble)")
     g = p.add_argument_group("request shape")
     g.add_argument("--input-len", "--isl", type=int, default=128, metavar="N", help="prompt tokens (mean; default 128)")
     g.add_argument("--output-len", "--osl", type=int, default=128, metavar="N",
@@ -91,7 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--wait-ready", type=float, default=0.0, metavar="S",
                    help="wait up to S seconds for the server to come up before starting")
     g.add_argument("--channels", type=int, default=None, metavar="N",
-                   help=f"gRPC connections to spread streams over (default 1 per 64 in flight)")
+                   help="gRPC connections to spread streams over (default 1 per 64 in flight)")
     g.add_argument("--sweep", metavar="KEY=V1,V2,...", help="run once per value of concurrency or request_rate")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the results as JSON on stdout (progress on stderr)")
@@ -192,11 +192,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from orchestrator.bench import parse_sweep, plot_sweep, sweep_configs, sweep_table
+    from orchestrator.bench import parse_sweep, sweep_configs
+    from orchestrator.bench_stats import plot_sweep, sweep_table
 
     cfg = config_from_args(args)
     err = Console(stderr=True)
-    out = Console()
+    out = Console() if sys.stdout.isatty() else Console(width=200)  # piped: keep tables unwrapped
     if args.sweep:
         key, values = parse_sweep(args.sweep)
         results = []
