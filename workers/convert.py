@@ -182,10 +182,9 @@ class ShardPlan:
         return self.file_size - len(self.header)
 
 
-def plan_shard(cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank: int, transform: Transform) -> ShardPlan:
-    """Lay out one shard's file: tensor order, shapes, dtypes and byte offsets."""
-    tensors = [(st, shard_tensor_shape(cfg, st)) for st in shard_tensors(cfg, tp, pp, tp_rank, pp_rank)]
-    outputs = [o for st, shape in tensors for o in transform.outputs(st.name, shape)]
+def safetensors_header(outputs: list[OutTensor]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The safetensors file prefix (8-byte length + JSON padded to 8) for tensors stored in order,
+    and each tensor's absolute byte range in the file."""
     meta: dict = {"__metadata__": {"format": "pt", "producer": f"orch-convert/{CONVERTER_VERSION}"}}
     pos, rel = 0, {}
     for o in outputs:
@@ -198,7 +197,14 @@ def plan_shard(cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank: int, t
     js = json.dumps(meta, separators=(",", ":")).encode()
     js += b" " * (-len(js) % 8)
     header = struct.pack("<Q", len(js)) + js
-    offsets = {k: (a + len(header), b + len(header)) for k, (a, b) in rel.items()}
+    return header, {k: (a + len(header), b + len(header)) for k, (a, b) in rel.items()}
+
+
+def plan_shard(cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank: int, transform: Transform) -> ShardPlan:
+    """Lay out one shard's file: tensor order, shapes, dtypes and byte offsets."""
+    tensors = [(st, shard_tensor_shape(cfg, st)) for st in shard_tensors(cfg, tp, pp, tp_rank, pp_rank)]
+    outputs = [o for st, shape in tensors for o in transform.outputs(st.name, shape)]
+    header, offsets = safetensors_header(outputs)
     return ShardPlan(tp_rank, pp_rank, tensors, outputs, header, offsets)
 
 
