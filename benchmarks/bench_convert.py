@@ -32,13 +32,18 @@ LLAMA31_8B = {
 
 CHILD = """
 import json, sys, time
-from workers.convert import convert_checkpoint
+from pathlib import Path
+from workers.checkpoint import hash_sources, open_checkpoint
+from workers.convert import HASH_CACHE, convert_checkpoint
 def hwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
 before = hwm()
-t = time.perf_counter()
+t0 = time.perf_counter()
+hash_sources(open_checkpoint(sys.argv[1]).source_files(), Path(sys.argv[2]).parent / HASH_CACHE)
+t1 = time.perf_counter()
 res = convert_checkpoint(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), dtype=sys.argv[5])
-print(json.dumps({"seconds": time.perf_counter() - t, "bytes": res.bytes_written, "before": before,
+t2 = time.perf_counter()
+print(json.dumps({"hash_s": t1 - t0, "seconds": t2 - t1, "bytes": res.bytes_written, "before": before,
                   "peak": hwm(), "converted": len(res.converted), "noop": res.noop}))
 """
 
@@ -110,7 +115,8 @@ def main() -> None:
     largest = 128256 * 4096 * 2
     result = {
         "model": str(model), "source_gb": src_bytes / 1e9, "tp": args.tp, "pp": args.pp, "dtype": args.dtype,
-        "cpu_count": os.cpu_count(), "convert_s": first["seconds"], "written_gb": first["bytes"] / 1e9,
+        "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()[0], "source_hash_s": first["hash_s"],
+        "source_hash_gb_per_s": src_bytes / 1e9 / first["hash_s"], "convert_s": first["seconds"], "written_gb": first["bytes"] / 1e9,
         "read_gb_per_s": src_bytes / 1e9 / first["seconds"], "write_gb_per_s": first["bytes"] / 1e9 / first["seconds"],
         "rss_before_mb": first["before"] / 1e6, "peak_rss_mb": first["peak"] / 1e6,
         "extra_rss_mb": (first["peak"] - first["before"]) / 1e6, "largest_tensor_mb": largest / 1e6,
@@ -119,9 +125,11 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"source {result['source_gb']:.2f} GB -> tp={args.tp} pp={args.pp} {args.dtype}: "
-              f"{result['written_gb']:.2f} GB written in {result['convert_s']:.1f} s "
-              f"({result['read_gb_per_s']:.2f} GB/s of source, incl. hashing it)\n"
+        print(f"source {result['source_gb']:.2f} GB hashed in {result['source_hash_s']:.1f} s "
+              f"({result['source_hash_gb_per_s']:.2f} GB/s; cached for later runs)\n"
+              f"-> tp={args.tp} pp={args.pp} {args.dtype}: {result['written_gb']:.2f} GB written in "
+              f"{result['convert_s']:.1f} s ({result['read_gb_per_s']:.2f} GB/s of source, "
+              f"{result['write_gb_per_s']:.2f} GB/s written; {os.cpu_count()} CPUs, load {result['load_avg']:.1f})\n"
               f"peak RSS {result['peak_rss_mb']:.0f} MB ({result['extra_rss_mb']:.0f} MB above the "
               f"{result['rss_before_mb']:.0f} MB after imports; largest tensor {largest / 1e6:.0f} MB)\n"
               f"no-op rerun: {result['noop_rerun_s']:.2f} s (noop={result['noop']})")

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,20 +211,20 @@ def hash_sources(files: list[Path], cache_path: Path | None = None) -> dict[str,
             cache = json.loads(cache_path.read_text())
         except (OSError, json.JSONDecodeError):
             cache = {}
-    out, changed = {}, False
+    stamps, todo = {}, []
     for path in files:
         st = path.stat()
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        key = str(path.resolve())
-        hit = cache.get(key)
-        if hit and hit.get("stamp") == stamp:
-            digest = hit["sha256"]
-        else:
-            log.info("hashing %s (%.1f MB)", path.name, st.st_size / 1e6)
-            digest = sha256_file(path)
-            cache[key] = {"stamp": stamp, "sha256": digest}
-            changed = True
-        out[path.name] = digest
+        stamps[path] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = cache.get(str(path.resolve()))
+        if not (hit and hit.get("stamp") == stamps[path]):
+            todo.append(path)
+    if todo:
+        log.info("hashing %d source files (%.1f MB)", len(todo), sum(s[0] for p, s in stamps.items() if p in todo) / 1e6)
+        with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1, 8))) as pool:
+            for path, digest in zip(todo, pool.map(sha256_file, todo)):  # hashlib releases the GIL
+                cache[str(path.resolve())] = {"stamp": stamps[path], "sha256": digest}
+    out = {path.name: cache[str(path.resolve())]["sha256"] for path in files}
+    changed = bool(todo)
     if cache_path is not None and changed:
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)

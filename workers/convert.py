@@ -19,6 +19,7 @@ import shutil
 import struct
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,6 +316,14 @@ def _write_weights(path: Path, ckpt: Checkpoint, plan: ShardPlan, transform: Tra
     hashes = {o.name: hashlib.sha256() for o in plan.outputs}
     cursor = {o.name: plan.offsets[o.name][0] for o in plan.outputs}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    pool = ThreadPoolExecutor(max_workers=2)
+    pending: list = []  # the previous chunk's write and hash, running while the next chunk is read
+
+    def drain() -> None:
+        for fut in pending:
+            fut.result()
+        pending.clear()
+
     try:
         try:
             os.posix_fallocate(fd, 0, plan.file_size)  # fail now, not half-way, when the disk is full
@@ -328,20 +337,26 @@ def _write_weights(path: Path, ckpt: Checkpoint, plan: ShardPlan, transform: Tra
                 row_elems *= d
             chunk_rows = max(1, CHUNK_BYTES // (4 * max(1, row_elems))) if transform.row_local else max(1, shape[0])
             for rows in iter_rows(ckpt, st, shape, chunk_rows):
-                for name, t in transform.apply(st.name, rows).items():
+                outs = transform.apply(st.name, rows)
+                drain()
+                for name, t in outs.items():
                     buf = _bytes(t)
-                    _pwrite_all(fd, buf, cursor[name])
-                    hashes[name].update(buf)
+                    pending.append(pool.submit(_pwrite_all, fd, buf, cursor[name]))
+                    pending.append(pool.submit(hashes[name].update, buf))
                     cursor[name] += len(buf)
                     progress.advance(nbytes=len(buf))
                 if delay:
                     time.sleep(delay)
+            drain()
             progress.advance(tensors=1)
         for name, (_, end) in plan.offsets.items():
             if cursor[name] != end:
                 raise RuntimeFailure(f"converter bug: {name} wrote {cursor[name]} bytes, expected end {end}")
         os.fsync(fd)
     finally:
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
         os.close(fd)
     return {o.name: {"shape": list(o.shape), "dtype": dtype_name(o.dtype), "sha256": hashes[o.name].hexdigest()}
             for o in plan.outputs}
