@@ -16,8 +16,13 @@ BLOCKS, BS = 48, 16  # 768 KV slots: the 64-client test needs about 3000, so it 
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(tiny_shards(tmp_path_factory.mktemp("serve")), num_kv_blocks=BLOCKS, block_size=BS,
+def shards(tmp_path_factory):
+    return tiny_shards(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def server(shards):
+    srv = start_server(shards, num_kv_blocks=BLOCKS, block_size=BS,
                        max_num_seqs=64, max_num_batched_tokens=256, max_seq_len=512)
     yield srv
     srv.stop()
@@ -197,3 +202,48 @@ def test_health_and_reflection(server):
     assert {"orch.v1.OrchService", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
     assert db.FindFileContainingSymbol("orch.v1.GenerateRequest").package == "orch.v1"
     ch.close()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_orch_serve_with_tp2_ranks_and_orch_generate(shards, stub):
+    """`orch serve` in its own process, tensor parallel over two local rank processes (gloo),
+    answers `orch generate` with the same greedy tokens as the in-process tp1 server."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from orchestrator.client import OrchClient
+    from workers.convert import convert_checkpoint
+
+    convert_checkpoint(shards.parent / "model", shards, 2, 1)
+    port, mport = _free_port(), _free_port()
+    cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--shards", str(shards / "tp2-pp1"),
+           "--port", str(port), "--metrics-port", str(mport), "--num-kv-blocks", "32", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with OrchClient(f"127.0.0.1:{port}") as c:
+            c.wait_ready(60)
+            assert c.model_info()["tp_size"] == 2
+        want = list(stub.Generate(orch_pb2.GenerateRequest(prompt="The quick brown fox", sampling=orch_pb2.SamplingParams(
+            max_tokens=10, ignore_eos=True))).token_ids)
+        out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--endpoint", f"127.0.0.1:{port}",
+                              "--prompt", "The quick brown fox", "--max-tokens", "10", "--ignore-eos", "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout)
+        assert got["token_ids"] == want and got["finish_reason"] == "length" and got["completion_tokens"] == 10
+        bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--endpoint", f"127.0.0.1:{port}",
+                              "--prompt-ids", "1,2", "--top-p", "1.5"], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, log

@@ -84,7 +84,8 @@ def _free_port() -> int:
 
 
 def _size_kv_cache(cfg: ServerConfig, layout: Path, tp: int, pp: int) -> tuple[int, dict]:
-    """Number of KV blocks (from the config, or kv_cache_fraction of free memory), and the manifest."""
+    """Number of KV blocks (given, or what kv_cache_fraction of memory leaves after the weights), and
+    rank 0's manifest. Never more than max_num_seqs full-length sequences can use."""
     from workers.engine import kv_block_bytes_for, memory_budget_bytes, num_kv_blocks_for_budget
     from workers.models.config import ModelConfig
 
@@ -94,10 +95,21 @@ def _size_kv_cache(cfg: ServerConfig, layout: Path, tp: int, pp: int) -> tuple[i
         return cfg.num_kv_blocks, manifest
     mc = ModelConfig.from_dict(manifest["model_config"])
     block_bytes = kv_block_bytes_for(mc, tp, pp, cfg.block_size, manifest["dtype"])
-    weights = (rank0 / "model.safetensors").stat().st_size if cfg.device != "cpu" else 0
-    n = num_kv_blocks_for_budget(memory_budget_bytes(cfg.device, cfg.kv_cache_fraction) - weights, block_bytes)
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        weights = max(p.stat().st_size for p in layout.glob("**/model.safetensors"))
+        budget = int(total * cfg.kv_cache_fraction) - (total - free) - weights - (1 << 30)  # 1 GiB for activations
+    else:
+        budget = memory_budget_bytes("cpu", cfg.kv_cache_fraction)
     useful = cfg.max_num_seqs * -(-cfg.max_seq_len // cfg.block_size) + 1
-    return max(1, min(n, useful)), manifest
+    n = min(num_kv_blocks_for_budget(budget, block_bytes), useful)
+    if n < 1:
+        raise CheckpointError(f"{layout}: no memory left for the KV cache (kv_cache_fraction "
+                              f"{cfg.kv_cache_fraction}); raise it or set num_kv_blocks")
+    log.info("KV cache: %d blocks of %d tokens (%.2f GB)", n, cfg.block_size, n * block_bytes / 1e9)
+    return n, manifest
 
 
 def launch_engine(cfg: ServerConfig) -> tuple[Any, list, ModelInfo]:
