@@ -326,10 +326,25 @@ class Controller:
                 pass
             for a in d.actors:
                 ray.kill(a)
+            _wait_dead(d.actors)
         for pg in d.groups:
             remove_placement_group(pg)
         d.actors, d.groups = [], []
         d.rank_state = {}
+
+
+def _wait_dead(actors: list, timeout: float = 15.0) -> None:
+    """Block until killed actors are gone, so their ports and GPUs are free again."""
+    deadline = time.time() + timeout
+    for a in actors:
+        while time.time() < deadline:
+            try:
+                ray.get(a.health.remote(), timeout=1)
+            except ray.exceptions.RayActorError:
+                break
+            except Exception:  # noqa: BLE001 - timeouts: ask again
+                pass
+            time.sleep(0.1)
 
 
 def _cause(e: Exception) -> str:

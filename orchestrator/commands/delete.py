@@ -13,21 +13,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def delete_deployment(name: str, address: str | None) -> bool:
+    """Tear down deployment `name`; stop the embedded head when it holds nothing else. Returns deleted?"""
     import ray
 
     from orchestrator import ray_cluster
     from orchestrator.controller import get_controller
-    from orchestrator.topology import load_topology
 
-    topo = load_topology(args.file)
-    conn = ray_cluster.connect(args.address, start=False)
+    conn = ray_cluster.connect(address, start=False)
     ctl = get_controller(create=False) if conn else None
-    deleted = bool(ctl) and ray.get(ctl.delete.remote(topo.name))["deleted"]
-    print(f"deleted {topo.name}" if deleted else f"{topo.name}: nothing deployed")
+    deleted = bool(ctl) and ray.get(ctl.delete.remote(name))["deleted"]
     if conn and conn.embedded and ctl and not ray.get(ctl.status.remote()):
         ray.kill(ctl)
         ray.shutdown()
         ray_cluster.stop_embedded_head()
         print("stopped the embedded Ray head")
+    return deleted
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.topology import load_topology
+
+    topo = load_topology(args.file)
+    deleted = delete_deployment(topo.name, args.address)
+    print(f"deleted {topo.name}" if deleted else f"{topo.name}: nothing deployed")
     return 0
