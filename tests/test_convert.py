@@ -369,7 +369,7 @@ def test_sigkill_mid_conversion_then_rerun(tmp_path):
     orig = _original(model_dir)
     root = tmp_path / "out"
     layout = root / "tp2-pp2"
-    proc = _convert_proc(model_dir, root, 2, 2, delay=0.03)
+    proc = _convert_proc(model_dir, root, 2, 2, delay=0.05)
     try:
         _wait_for(lambda: (layout / "rank-0-0").exists() and any(".tmp." in p.name for p in layout.iterdir()), proc)
     finally:
@@ -421,6 +421,25 @@ def test_ctrl_c_cleans_temp_dir(tmp_path):
                            cwd=REPO, capture_output=True, text=True, check=True)
     assert "nothing to convert" in again.stdout
     _assert_reassembles(Path(first["root"]), 2, 2, _original(model_dir))
+
+
+def test_cli_prune_and_uri_artifacts(small, tmp_path):
+    from orchestrator.cli import main
+    from orchestrator.commands.convert import convert_topology
+    from orchestrator.errors import TopologyError
+    from orchestrator.topology import parse_topology
+
+    text = f"name: c\nmodel: {{path: {small}, dtype: bfloat16}}\nparallelism: {{tensor: 2}}\nbuild: {{artifacts: ART}}\n"
+    with pytest.raises(TopologyError, match=r":4: build.artifacts: 's3://b/x' is a URI"):
+        convert_topology(parse_topology(text.replace("ART", "s3://b/x"), str(tmp_path / "c.yaml")))
+    (tmp_path / "c.yaml").write_text(text.replace("ART", str(tmp_path / "art")))
+    root, res = convert_topology(parse_topology((tmp_path / "c.yaml").read_text(), str(tmp_path / "c.yaml")),
+                                 progress=False)
+    assert root == cv.shards_root(tmp_path / "art", small) and len(res.converted) == 2
+    convert_checkpoint(small, root, 1, 1)
+    assert main(["convert", str(tmp_path / "c.yaml"), "--prune", "--json"]) == 0
+    assert sorted(p.name for p in root.glob("tp*")) == ["tp2-pp1"]
+    assert main(["convert", str(tmp_path / "c.yaml"), "--json"]) == 0
 
 
 # --- memory ---------------------------------------------------------------------------------------

@@ -27,23 +27,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def convert_topology(topo, *, progress: bool = True, force: bool = False, verify: bool = False):
+    """Convert a loaded Topology's checkpoint into its layout's shards; returns (root, ConvertResult).
+
+    The shards of the layout are in <root>/tp{T}-pp{P}/ (also what `orch serve FILE` needs)."""
+    from workers.convert import HASH_CACHE, convert_checkpoint, shards_root
+
+    artifacts = topo.build.artifacts
+    if "://" in artifacts:
+        raise topo.error("build.artifacts", f"{artifacts!r} is a URI; converting writes shards to a local directory")
+    root = shards_root(artifacts, topo.model.path)
+    res = convert_checkpoint(topo.model.path, root, topo.parallelism.tensor, topo.parallelism.pipeline,
+                             topo.model.dtype, progress=progress, quantization=topo.build.quantization,
+                             force=force, verify=verify, hash_cache=Path(artifacts) / "shards" / HASH_CACHE)
+    return root, res
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from orchestrator.errors import TopologyError
     from orchestrator.topology import load_topology
-    from workers.convert import HASH_CACHE, convert_checkpoint, prune_layouts, shards_root
+    from workers.convert import prune_layouts
 
     topo = load_topology(args.file)
-    artifacts = topo.build.artifacts
-    if "://" in artifacts:
-        raise TopologyError(f"{args.file}: build.artifacts={artifacts!r} is a URI; "
-                            "orch convert writes shards to a local directory")
     tp, pp = topo.parallelism.tensor, topo.parallelism.pipeline
-    root = shards_root(artifacts, topo.model.path)
-    res = convert_checkpoint(topo.model.path, root, tp, pp, topo.model.dtype, progress=not args.json,
-                             quantization=topo.build.quantization, force=args.force, verify=args.verify,
-                             hash_cache=Path(artifacts) / "shards" / HASH_CACHE)
+    root, res = convert_topology(topo, progress=not args.json, force=args.force, verify=args.verify)
     pruned = prune_layouts(root, (tp, pp)) if args.prune else []
     if args.json:
         print(json.dumps({
