@@ -200,7 +200,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         try:
             req, _, head = self._prepare(request)
-            text = "".join([o.text async for o in self.serving.stream(req)])
+            text = "".join(o.text for o in await self.serving.collect(req))
         except RequestError as e:
             await context.abort(grpc.StatusCode[e.code], str(e))
         return self._response(request, head + text)
@@ -210,11 +210,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         empty_final = request.parameters["triton_enable_empty_final_response"].bool_param \
             if "triton_enable_empty_final_response" in request.parameters else False
         if not stream:
-            text = "".join([o.text async for o in self.serving.stream(req)])
+            text = "".join(o.text for o in await self.serving.collect(req))
             yield self._response(request, head + text, final=not empty_final)
         else:
-            async for o in self.serving.stream(req):
-                yield self._response(request, o.text, final=o.finished and not empty_final)
+            async for outs in self.serving.stream(req):
+                for o in outs:  # one response per token, as Triton's decoupled streaming sends
+                    yield self._response(request, o.text, final=o.finished and not empty_final)
         if empty_final:
             r = pb.ModelInferResponse(model_name=request.model_name or self.serving.info.name,
                                       model_version=request.model_version or "1", id=request.id)

@@ -74,7 +74,7 @@ class Sample:
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> None:
-    ids = torch.tensor(sorted(set(seen)), dtype=torch.long)
+    ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
     vals = logits[ids]
     logits[ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
 
@@ -83,7 +83,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     """Mask (to -inf) what falls outside each row's top-k and top-p; logits [B, V] already scaled."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    rank = torch.arange(vocab).expand_as(sorted_logits)
+    rank = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
     k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
     drop = rank >= k
     probs = sorted_logits.masked_fill(drop, -math.inf).softmax(dim=-1)
@@ -94,39 +94,48 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def _needs_work(p: SamplingParams) -> bool:
+    return not p.greedy or p.repetition_penalty != 1.0 or p.logprobs or p.top_logprobs > 0
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]],
            generators: list[torch.Generator | None]) -> list[Sample]:
-    """Pick one token per row of float32 logits [B, V]; histories feed the repetition penalty."""
-    n = logits.shape[0]
-    if all(p.greedy and p.repetition_penalty == 1.0 and not p.logprobs for p in params):
-        return [Sample(t) for t in logits.argmax(dim=-1).tolist()]  # fast path: the whole batch at once
-    raw = logits
-    logits = logits.clone()
-    for i, p in enumerate(params):
+    """Pick one token per row of float32 logits [B, V] (any device); histories feed the repetition penalty.
+
+    Plain greedy rows take one batched argmax on the logits' device; the other rows are copied to
+    the CPU, where each request's own generator draws its token (so seeds give the same output on
+    any device and in any batch).
+    """
+    special = [i for i, p in enumerate(params) if _needs_work(p)]
+    chosen = logits.argmax(dim=-1).tolist()
+    out = [Sample(t) for t in chosen]
+    if not special:
+        return out
+    raw = logits[torch.tensor(special, device=logits.device)].float().cpu()
+    work = raw.clone()
+    for j, i in enumerate(special):
+        p = params[i]
         if p.repetition_penalty != 1.0 and histories[i]:
-            _apply_repetition_penalty(logits[i], histories[i], p.repetition_penalty)
-    chosen = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if not p.greedy]
+            _apply_repetition_penalty(work[j], histories[i], p.repetition_penalty)
+    rows = [j for j, i in enumerate(special) if not params[i].greedy]
+    for j, i in enumerate(special):
+        if params[i].greedy:
+            out[i].token_id = int(work[j].argmax())
     if rows:
-        idx = torch.tensor(rows)
-        temps = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype).unsqueeze(1)
-        sub = _filter_top_k_top_p(
-            logits[idx] / temps,
-            torch.tensor([params[i].top_k for i in rows]),
-            torch.tensor([params[i].top_p for i in rows], dtype=logits.dtype),
-        )
+        ps = [params[special[j]] for j in rows]
+        temps = torch.tensor([p.temperature for p in ps]).unsqueeze(1)
+        sub = _filter_top_k_top_p(work[torch.tensor(rows)] / temps, torch.tensor([p.top_k for p in ps]),
+                                  torch.tensor([p.top_p for p in ps]))
         probs = sub.softmax(dim=-1)
-        for j, i in enumerate(rows):
-            chosen[i] = torch.multinomial(probs[j], 1, generator=generators[i]).item()
-    out = [Sample(t) for t in chosen.tolist()]
-    want = [i for i, p in enumerate(params) if p.logprobs or p.top_logprobs]
-    if want:
-        logp = raw[torch.tensor(want)].float().log_softmax(dim=-1)
-        for j, i in enumerate(want):
-            out[i].logprob = float(logp[j, out[i].token_id])
-            k = params[i].top_logprobs
-            if k:
-                vals, ids = logp[j].topk(k)
+        for r, j in enumerate(rows):
+            i = special[j]
+            out[i].token_id = int(torch.multinomial(probs[r], 1, generator=generators[i]))
+    for j, i in enumerate(special):
+        p = params[i]
+        if p.logprobs or p.top_logprobs:
+            logp = raw[j].log_softmax(dim=-1)
+            out[i].logprob = float(logp[out[i].token_id])
+            if p.top_logprobs:
+                vals, ids = logp.topk(p.top_logprobs)
                 out[i].top = list(zip(ids.tolist(), vals.tolist()))
-    assert len(out) == n
     return out

@@ -208,15 +208,15 @@ class OrchServicer(orch_pb2_grpc.OrchServiceServicer):
     async def GenerateStream(self, request, context):
         try:
             req = self._request(request)
-            async for out in self.serving.stream(req):
-                yield response_from_outputs(req.request_id, [out])
+            async for outs in self.serving.stream(req):
+                yield response_from_outputs(req.request_id, outs)
         except RequestError as e:
             await context.abort(grpc.StatusCode[e.code], str(e))
 
     async def Generate(self, request, context):
         try:
             req = self._request(request)
-            outs = [out async for out in self.serving.stream(req)]
+            outs = await self.serving.collect(req)
         except RequestError as e:
             await context.abort(grpc.StatusCode[e.code], str(e))
         return response_from_outputs(req.request_id, outs)

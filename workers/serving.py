@@ -270,8 +270,9 @@ class Serving:
         return GenerationRequest(ids, params, request_id or uuid.uuid4().hex, want_text, skip_special)
 
     # --- generation ---
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[SeqOutput]:
-        """Outputs of one request as the engine produces them; leaving early cancels the request."""
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[list[SeqOutput]]:
+        """The request's outputs as the engine produces them, in lists of everything new since the last
+        yield (one output per list unless the reader falls behind); leaving early cancels the request."""
         aio_loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
@@ -284,27 +285,26 @@ class Serving:
         seq_id = self.loop.submit(req, sink)
         done = False
         try:
-            while True:
-                item = await q.get()
-                if isinstance(item, RequestError):
-                    done = True
-                    raise item
-                if isinstance(item, BaseException):
-                    done = True
-                    raise RequestError("INTERNAL", f"engine failed: {item}")
-                if item.finished:
-                    done = True
-                yield item
-                if done:
-                    return
+            while not done:
+                items = [await q.get()]
+                while not q.empty():
+                    items.append(q.get_nowait())
+                for item in items:
+                    if isinstance(item, RequestError):
+                        done = True
+                        raise item
+                    if isinstance(item, BaseException):
+                        done = True
+                        raise RequestError("INTERNAL", f"engine failed: {item}")
+                    done = done or item.finished
+                yield items
         finally:
             if not done:
                 self.loop.abort(seq_id)
 
-
-def finish_name(reason: FinishReason | None) -> str:
-    """Wire name of a finish reason ('' while running)."""
-    return reason.value if reason is not None else ""
+    async def collect(self, req: GenerationRequest) -> list[SeqOutput]:
+        """All outputs of a request, once it has finished."""
+        return [o async for batch in self.stream(req) for o in batch]
 
 
 def make_scheduler(info: ModelInfo, enable_prefix_caching: bool = True) -> Scheduler:
