@@ -386,6 +386,26 @@ def test_sigkill_mid_conversion_then_rerun(tmp_path):
     _assert_reassembles(root, 2, 2, orig)
 
 
+@pytest.mark.slow
+def test_sigkill_at_random_moments(tmp_path):
+    """Kill at 6 random moments of one conversion; after each, every visible shard is valid."""
+    import random
+
+    model_dir = write_random_checkpoint(tmp_path / "ck", num_hidden_layers=4, seed=13)
+    root, layout = tmp_path / "out", tmp_path / "out" / "tp2-pp2"
+    rng = random.Random(7)
+    for _ in range(6):
+        proc = _convert_proc(model_dir, root, 2, 2, delay=0.01)
+        _wait_for(lambda: layout.exists(), proc)
+        time.sleep(rng.uniform(0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for d in layout.glob("rank-*"):
+            verify_shard(d)
+    convert_checkpoint(model_dir, root, 2, 2)
+    _assert_reassembles(root, 2, 2, _original(model_dir))
+
+
 def test_ctrl_c_cleans_temp_dir(tmp_path):
     """SIGINT to `orch convert` mid-shard: exit 130, temp removed, only whole shards visible."""
     model_dir = write_random_checkpoint(tmp_path / "ck", num_hidden_layers=4, seed=12)

@@ -287,9 +287,11 @@ class _Progress:
 
     def __enter__(self) -> "_Progress":
         if self.enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
             self._bar = Progress(TextColumn("{task.description:<8}"), BarColumn(), TaskProgressColumn(),
-                                 TextColumn("{task.fields[detail]}"), TimeRemainingColumn())
+                                 TextColumn("{task.fields[detail]}"), TimeRemainingColumn(),
+                                 console=Console(stderr=True))
             self._bar.__enter__()
             self._tasks = (self._bar.add_task("tensors", total=self.totals[0], detail=""),
                            self._bar.add_task("bytes", total=self.totals[1], detail=""))
