@@ -159,9 +159,11 @@ def match_nodes(topology, nodes: list[dict], device: str) -> dict[str, dict]:
         return {"local": local}
     mapping: dict[str, dict] = {}
     for spec in topology.nodes:
-        cand = [n for n in nodes if n["ip"] == spec.address
-                or any(f"{k}={v}" == spec.address for k, v in n["labels"].items())
-                or f"orch-node-{spec.name}" in n["resources"]]
+        # a node carrying the resource orch-node-<name> (set by the Helm chart / ray start) wins;
+        # otherwise match the address as an IP or a `key=value` Ray node label
+        cand = ([n for n in nodes if f"orch-node-{spec.name}" in n["resources"]]
+                or [n for n in nodes if n["ip"] == spec.address
+                    or any(f"{k}={v}" == spec.address for k, v in n["labels"].items())])
         if not cand:
             known = ", ".join(sorted(n["ip"] for n in nodes))
             raise OrchError(f"nodes.{spec.name}: no live Ray node at address {spec.address!r} (live nodes: {known})")
