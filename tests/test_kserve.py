@@ -15,7 +15,12 @@ PROMPT = "The quick brown fox"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_server(tiny_shards(tmp_path_factory.mktemp("kserve")), max_seq_len=256)
+    from workers.engine import Engine
+
+    shards = tiny_shards(tmp_path_factory.mktemp("kserve"))
+    # an engine made by the caller, as a Ray rank actor does; the server derives the model facts from it
+    engine = Engine(shards / "tp1-pp1", num_kv_blocks=64, block_size=16)
+    srv = start_server(shards, engine=engine, max_seq_len=256)
     yield srv
     srv.stop()
 

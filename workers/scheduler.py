@@ -227,6 +227,8 @@ class Scheduler:
         del self.seqs[seq.seq_id]
         seq.status = SeqStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop
+        log.debug("sequence %d finished: %s (%s) after %d tokens", seq.seq_id, reason.value, stop,
+                  seq.num_output_tokens)
 
 
 def _find_stop_string(text: str, stops: list[str], sent: int) -> tuple[int, str] | None:

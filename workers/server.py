@@ -133,16 +133,21 @@ def launch_engine(cfg: ServerConfig) -> tuple[Any, list, ModelInfo]:
             procs.append(p)
         engine = run_rank(layout, 0, tp * pp, tp, pp, init, device=cfg.device, num_kv_blocks=num_blocks,
                           block_size=cfg.block_size)
-    mc = ModelConfig.from_dict(manifest["model_config"])
-    max_seq_len = min(cfg.max_seq_len, mc.max_position_embeddings, num_blocks * cfg.block_size)
+    info = model_info(cfg, ModelConfig.from_dict(manifest["model_config"]), num_blocks, tp, pp, manifest["dtype"])
+    return engine, procs, info
+
+
+def model_info(cfg: ServerConfig, mc: Any, num_kv_blocks: int, tp: int = 1, pp: int = 1,
+               dtype: str = "float32") -> ModelInfo:
+    """What the server tells clients; max_seq_len is capped by the model's positions and the KV cache."""
+    max_seq_len = min(cfg.max_seq_len, mc.max_position_embeddings, num_kv_blocks * cfg.block_size)
     if max_seq_len < cfg.max_seq_len:
         log.warning("max_seq_len lowered from %d to %d (model positions / KV cache capacity)",
                     cfg.max_seq_len, max_seq_len)
-    info = ModelInfo(name=cfg.model_name, model_config=mc, max_seq_len=max_seq_len, block_size=cfg.block_size,
-                     num_kv_blocks=num_blocks, max_num_seqs=cfg.max_num_seqs,
-                     max_num_batched_tokens=cfg.max_num_batched_tokens, tp=tp, pp=pp, dtype=manifest["dtype"],
+    return ModelInfo(name=cfg.model_name, model_config=mc, max_seq_len=max_seq_len, block_size=cfg.block_size,
+                     num_kv_blocks=num_kv_blocks, max_num_seqs=cfg.max_num_seqs,
+                     max_num_batched_tokens=cfg.max_num_batched_tokens, tp=tp, pp=pp, dtype=dtype,
                      device=cfg.device, aliases=("ensemble",))
-    return engine, procs, info
 
 
 def load_tokenizer(cfg: ServerConfig) -> Tokenizer | None:
@@ -263,6 +268,10 @@ class Server:
         self.procs: list = []
         if engine is None:
             engine, self.procs, info = launch_engine(cfg)
+        if info is None:  # an engine made elsewhere (e.g. a Ray rank actor)
+            info = model_info(cfg, engine.model_config, engine.num_kv_blocks, engine.tp, engine.pp,
+                              str(engine.dtype).removeprefix("torch."))
+        if tokenizer is None:
             tokenizer = load_tokenizer(cfg)
         self.engine = engine
         self.info = info
