@@ -61,6 +61,7 @@ class BenchConfig:
     channels: int | None = None
     tokenizer: str | None = None
     wait_ready_s: float = 0.0
+    processes: int = 1
 
     def validate(self) -> "BenchConfig":
         """Check option values; raise BenchConfigError naming the bad one."""
@@ -93,6 +94,8 @@ class BenchConfig:
             raise bad("--warmup", self.warmup_requests, "an integer >= 0")
         if self.protocol == "kserve" and not self.stream:
             raise bad("--no-stream", True, "streaming with --protocol kserve (tokens are counted per response)")
+        if self.processes < 1:
+            raise bad("--processes", self.processes, "an integer >= 1")
         if self.channels is not None and self.channels < 1:
             raise bad("--channels", self.channels, "an integer >= 1")
         return self
@@ -192,7 +195,7 @@ class Workload:
         self.max_seq_len, self.tokenizer = max_seq_len, tokenizer
         self.rng = random.Random(cfg.seed + seed_offset)
         self.np_rng = np.random.default_rng(cfg.seed + seed_offset)
-        self.count = 0
+        self.count, self.stride = 0, 1  # request indices: count, count + stride, ...
 
     def next(self) -> BenchRequest:
         """The next request."""
@@ -204,7 +207,7 @@ class Workload:
         else:
             prompt = text_prompt(isl, self.rng, self.tokenizer)
         req = BenchRequest(self.count, prompt, isl, osl)
-        self.count += 1
+        self.count += self.stride
         return req
 
     def take(self, n: int) -> list[BenchRequest]:
@@ -234,12 +237,17 @@ class BenchResult:
                 f.write(json.dumps(r.to_dict(self.t0_ns)) + "\n")
 
 
+def _ignore(*_args) -> None:
+    return None
+
+
 @dataclass
 class Hooks:
-    """Progress callbacks (all optional): a phase begins; a request ends."""
+    """Progress callbacks (all optional): a phase begins (name, requests or None, seconds or None); a request
+    ends (whether it succeeded). Called in the process that runs run_bench."""
 
-    on_phase: Callable[[str, int | None, float | None], None] = lambda phase, total, duration: None
-    on_done: Callable[[RequestRecord], None] = lambda rec: None
+    on_phase: Callable[[str, int | None, float | None], None] = _ignore
+    on_done: Callable[[bool], None] = _ignore
 
 
 async def _run_one(proto, req: BenchRequest, msg: object, slot: int, scheduled_ns: int) -> RequestRecord:
@@ -263,7 +271,7 @@ async def _run_one(proto, req: BenchRequest, msg: object, slot: int, scheduled_n
 
 
 async def _closed_loop(proto, source: Iterator[tuple[BenchRequest, object]], workers: int,
-                       on_done: Callable[[RequestRecord], None]) -> list[RequestRecord]:
+                       on_done: Callable[[bool], None]) -> list[RequestRecord]:
     """`workers` requests in flight at all times until the source runs dry."""
     records: list[RequestRecord] = []
 
@@ -271,15 +279,15 @@ async def _closed_loop(proto, source: Iterator[tuple[BenchRequest, object]], wor
         for req, msg in source:
             rec = await _run_one(proto, req, msg, slot, time.perf_counter_ns())
             records.append(rec)
-            on_done(rec)
+            on_done(rec.ok)
 
     await asyncio.gather(*(worker(i) for i in range(workers)))
     return records
 
 
 async def _open_loop(proto, source: Iterator[tuple[BenchRequest, object]], arrivals: list[float],
-                     cap: int | None, on_done: Callable[[RequestRecord], None]) -> list[RequestRecord]:
-    """Send request i at arrivals[i] seconds (waiting for a free slot when `cap` are in flight)."""
+                     cap: int | None, t0_ns: int, on_done: Callable[[bool], None]) -> list[RequestRecord]:
+    """Send request i at t0 + arrivals[i] seconds (waiting for a free slot when `cap` are in flight)."""
     records: list[RequestRecord] = []
     sem = asyncio.Semaphore(cap) if cap else None
 
@@ -290,12 +298,11 @@ async def _open_loop(proto, source: Iterator[tuple[BenchRequest, object]], arriv
             if sem:
                 sem.release()
         records.append(rec)
-        on_done(rec)
+        on_done(rec.ok)
 
     tasks = []
-    t0 = time.perf_counter_ns()
     for i, ((req, msg), at) in enumerate(zip(source, arrivals)):
-        due = t0 + int(at * 1e9)
+        due = t0_ns + int(at * 1e9)
         delay = (due - time.perf_counter_ns()) / 1e9
         if delay > 0:
             await asyncio.sleep(delay)
@@ -331,75 +338,186 @@ def _load_tokenizer(path: str | None):
 FALLBACK_VOCAB = 256  # prompt ids stay below this when the server's vocab size is unknown
 
 
-async def run_bench_async(cfg: BenchConfig, hooks: Hooks | None = None) -> BenchResult:
-    """Warm up, then run the measured phase; returns all records and their summary."""
+def _share(n: int, shard: int, shards: int) -> int:
+    """Shard's part of n items dealt round-robin."""
+    return n // shards + (1 if shard < n % shards else 0)
+
+
+def num_shards(cfg: BenchConfig) -> int:
+    """Client processes a run uses (never more than the requests that may be in flight)."""
+    return max(1, min(cfg.processes, cfg.concurrency or cfg.processes))
+
+
+async def probe(cfg: BenchConfig) -> tuple[ServerInfo, list[str]]:
+    """Ask the server about itself; (info, notes for the report). Unreachable servers give empty info."""
     import grpc
 
-    cfg.validate()
-    hooks = hooks or Hooks()
     notes: list[str] = []
-    peak = cfg.concurrency or max(1, math.ceil(cfg.request_rate or 1))
-    proto = make_protocol(cfg, cfg.channels or max(1, math.ceil(peak / STREAMS_PER_CHANNEL)))
+    proto = make_protocol(cfg, 1)
     try:
-        try:
-            server = await proto.info()
-        except grpc.aio.AioRpcError as e:
-            server = ServerInfo(error=f"{e.code().name}: {e.details()}")
-            notes.append(f"server info unavailable ({server.error})")
-        vocab = server.vocab_size or FALLBACK_VOCAB
-        exclude = set(server.eos_token_ids) | {b for b in [server.bos_token_id] if b is not None and b >= 0}
-        tok = _load_tokenizer(cfg.tokenizer)
-        if cfg.protocol == "kserve":
-            notes.append("kserve: prompts are random words, " + ("exactly --input-len tokens of --tokenizer "
-                         "(before any special tokens the server adds)" if tok else "about one token per word")
-                         + "; output tokens are counted as one per streamed response")
-            if cfg.ignore_eos and server.inputs and not {"ignore_eos", "min_length"} & set(server.inputs):
-                notes.append("kserve: the model has no min_length or ignore_eos input; outputs may stop at EOS")
-        if cfg.protocol == "orch" and server.vocab_size is None:
-            notes.append(f"prompt token ids drawn below {FALLBACK_VOCAB} (vocab size unknown)")
-
-        def workload(offset: int) -> Workload:
-            return Workload(cfg, vocab, exclude, server.max_seq_len, tok, seed_offset=offset)
-
-        warmup: list[RequestRecord] = []
-        if cfg.warmup_requests:
-            hooks.on_phase("warmup", cfg.warmup_requests, None)
-            src = _prebuilt(proto, workload(1_000_003).take(cfg.warmup_requests))
-            warmup = await _closed_loop(proto, src, min(cfg.warmup_requests, cfg.concurrency or 8), hooks.on_done)
-            if not any(r.ok for r in warmup):
-                notes.append("every warm-up request failed")
-
-        total = cfg.total_requests()
-        hooks.on_phase("bench", total, cfg.duration_s)
-        wl = workload(0)
-        t0 = time.perf_counter_ns()
-        if total is not None:
-            src = _prebuilt(proto, wl.take(total))
-            t0 = time.perf_counter_ns()
-        else:
-            src = _until(proto, wl, t0 + int(cfg.duration_s * 1e9))
-        if cfg.request_rate is None:
-            records = await _closed_loop(proto, src, cfg.concurrency, hooks.on_done)
-        else:
-            arrivals = poisson_arrivals(cfg.request_rate, random.Random(cfg.seed + 7), n=total,
-                                        duration_s=cfg.duration_s)
-            records = await _open_loop(proto, src, arrivals, cfg.concurrency, hooks.on_done)
+        server = await proto.info()
+    except grpc.aio.AioRpcError as e:
+        server = ServerInfo(error=f"{e.code().name}: {e.details()}")
+        notes.append(f"server info unavailable ({server.error})")
     finally:
         await proto.close()
+    if cfg.protocol == "kserve":
+        notes.append("kserve: prompts are random words, " + ("exactly --input-len tokens of --tokenizer "
+                     "(before any special tokens the server adds)" if cfg.tokenizer else "about one token per word")
+                     + "; output tokens are counted as one per streamed response")
+        if cfg.ignore_eos and server.inputs and not {"ignore_eos", "min_length"} & set(server.inputs):
+            notes.append("kserve: the model has no min_length or ignore_eos input; outputs may stop at EOS")
+    if cfg.protocol == "orch" and server.vocab_size is None:
+        notes.append(f"prompt token ids drawn below {FALLBACK_VOCAB} (vocab size unknown)")
+    return server, notes
+
+
+async def run_shard(cfg: BenchConfig, server: ServerInfo, shard: int = 0, shards: int = 1,
+                    hooks: Hooks | None = None, sync: Callable[[], int] | None = None
+                    ) -> tuple[list[RequestRecord], list[RequestRecord]]:
+    """One client process's part of a run: (warm-up records, measured records).
+
+    Shard i of n sends requests i, i+n, ... of the run's workload with its share of the concurrency;
+    `sync` (multi-process runs) is called after warm-up and returns the common start time (perf_counter_ns).
+    """
+    hooks = hooks or Hooks()
+    tok = _load_tokenizer(cfg.tokenizer)
+    exclude = set(server.eos_token_ids) | {b for b in [server.bos_token_id] if b is not None and b >= 0}
+
+    def workload(seed_offset: int) -> Workload:
+        return Workload(cfg, server.vocab_size or FALLBACK_VOCAB, exclude, server.max_seq_len, tok, seed_offset)
+
+    conc = _share(cfg.concurrency, shard, shards) if cfg.concurrency else None
+    peak = conc or max(1, math.ceil((cfg.request_rate or 1) / shards))
+    proto = make_protocol(cfg, cfg.channels or max(1, math.ceil(peak / STREAMS_PER_CHANNEL)))
+    try:
+        if not server.error:
+            await proto.connect(5.0)
+        warmup: list[RequestRecord] = []
+        n_warm = _share(cfg.warmup_requests, shard, shards)
+        if n_warm:
+            if sync is None:
+                hooks.on_phase("warmup", cfg.warmup_requests, None)
+            src = _prebuilt(proto, workload(1_000_003).take(cfg.warmup_requests)[shard::shards])
+            warmup = await _closed_loop(proto, src, min(n_warm, conc or 8), hooks.on_done)
+        total = cfg.total_requests()
+        if sync is None:
+            hooks.on_phase("bench", total, cfg.duration_s)
+        if total is not None:
+            src = _prebuilt(proto, workload(0).take(total)[shard::shards])
+        else:
+            wl = workload(7919 * shard)
+            wl.count, wl.stride = shard, shards  # request indices stay unique across shards
+        start = sync() if sync else time.perf_counter_ns()
+        if (wait := start - time.perf_counter_ns()) > 0:
+            await asyncio.sleep(wait / 1e9)
+        if total is None:
+            src = _until(proto, wl, start + int(cfg.duration_s * 1e9))
+        if cfg.request_rate is None:
+            records = await _closed_loop(proto, src, conc, hooks.on_done)
+        else:
+            arrivals = poisson_arrivals(cfg.request_rate, random.Random(cfg.seed + 7), n=total,
+                                        duration_s=cfg.duration_s)[shard::shards]
+            records = await _open_loop(proto, src, arrivals, conc, start, hooks.on_done)
+    finally:
+        await proto.close()
+    return warmup, records
+
+
+def _finish(cfg: BenchConfig, server: ServerInfo, notes: list[str], warmup: list[RequestRecord],
+            records: list[RequestRecord]) -> BenchResult:
     records.sort(key=lambda r: r.index)
+    if warmup and not any(r.ok for r in warmup):
+        notes.append("every warm-up request failed")
     if server.max_seq_len:
         over = sum(1 for r in records if r.input_len + r.requested_output_len > server.max_seq_len)
         if over:
             notes.append(f"{over} request(s) exceed the server's max_seq_len {server.max_seq_len} "
                          "(prompt + output tokens)")
-    if records:
-        t0 = min(r.start_ns for r in records)
+    t0 = min((r.start_ns for r in records), default=0)
     return BenchResult(cfg, summarize(cfg, records, notes), records, warmup, server, t0)
 
 
+async def run_bench_async(cfg: BenchConfig, hooks: Hooks | None = None) -> BenchResult:
+    """Warm up, then run the measured phase in this process; returns all records and their summary."""
+    cfg.validate()
+    server, notes = await probe(cfg)
+    warmup, records = await run_shard(cfg, server, hooks=hooks)
+    return _finish(cfg, server, notes, warmup, records)
+
+
+def _shard_process(cfg: BenchConfig, server: ServerInfo, shard: int, shards: int, q, go, start) -> None:
+    """Entry point of a client process: run the shard, report progress and records through q."""
+    import traceback
+
+    def sync() -> int:
+        q.put(("ready", shard))
+        go.wait()
+        return start.value
+
+    try:
+        hooks = Hooks(on_done=lambda ok: q.put(("done", ok)))
+        warmup, records = asyncio.run(run_shard(cfg, server, shard, shards, hooks, sync))
+        q.put(("result", shard, warmup, records))
+    except BaseException:
+        q.put(("error", shard, traceback.format_exc()))
+
+
+def _run_processes(cfg: BenchConfig, hooks: Hooks, shards: int) -> BenchResult:
+    """Run the benchmark in `shards` client processes that start their measured phase together."""
+    import multiprocessing
+    import queue as queue_mod
+
+    from orchestrator.errors import RuntimeFailure
+
+    server, notes = asyncio.run(probe(cfg))
+    ctx = multiprocessing.get_context("spawn")
+    q, go, start = ctx.Queue(), ctx.Event(), ctx.Value("q", 0)
+    procs = [ctx.Process(target=_shard_process, args=(cfg, server, i, shards, q, go, start), daemon=True,
+                         name=f"orch-bench-{i}") for i in range(shards)]
+    for p in procs:
+        p.start()
+    if cfg.warmup_requests:
+        hooks.on_phase("warmup", cfg.warmup_requests, None)
+    ready, warmup, records, results = 0, [], [], 0
+    try:
+        while results < shards:
+            try:
+                msg = q.get(timeout=1.0)
+            except queue_mod.Empty:
+                dead = [p.name for p in procs if not p.is_alive() and p.exitcode]
+                if dead:
+                    raise RuntimeFailure(f"benchmark client process {dead[0]} died") from None
+                continue
+            if msg[0] == "done":
+                hooks.on_done(msg[1])
+            elif msg[0] == "ready":
+                ready += 1
+                if ready == shards:
+                    hooks.on_phase("bench", cfg.total_requests(), cfg.duration_s)
+                    start.value = time.perf_counter_ns() + 20_000_000  # all shards start together
+                    go.set()
+            elif msg[0] == "result":
+                warmup += msg[2]
+                records += msg[3]
+                results += 1
+            else:
+                raise RuntimeFailure(f"benchmark client process {msg[1]} failed:\n{msg[2]}")
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    return _finish(cfg, server, notes, warmup, records)
+
+
 def run_bench(cfg: BenchConfig, hooks: Hooks | None = None) -> BenchResult:
-    """Synchronous wrapper of run_bench_async."""
-    return asyncio.run(run_bench_async(cfg, hooks))
+    """Run a benchmark (in cfg.processes client processes when > 1); returns records and summary."""
+    cfg.validate()
+    shards = num_shards(cfg)
+    if shards == 1:
+        return asyncio.run(run_bench_async(cfg, hooks))
+    return _run_processes(cfg, hooks or Hooks(), shards)
 
 
 # ----------------------------------------------------------------------------------------------------

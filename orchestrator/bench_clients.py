@@ -5,6 +5,7 @@ tokens, and the token count of each message.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -37,16 +38,31 @@ class ServerInfo:
     error: str = ""
 
 
-def _open_channels(endpoint: str, n: int) -> list:
-    import grpc
+class _Channels:
+    """n gRPC channels to one endpoint, each its own HTTP/2 connection; requests are spread over them."""
 
-    # a local subchannel pool gives each channel its own HTTP/2 connection
-    opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20)]
-    return [grpc.aio.insecure_channel(endpoint, options=opts) for _ in range(n)]
+    def __init__(self, endpoint: str, n: int, stub_class: type):
+        import grpc
+
+        opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20)]
+        self.channels = [grpc.aio.insecure_channel(endpoint, options=opts) for _ in range(n)]
+        self.stubs = [stub_class(ch) for ch in self.channels]
+
+    async def connect(self, timeout_s: float) -> None:
+        """Open every connection now, so that no measured request pays for it (best effort)."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in self.channels)), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+    async def close(self) -> None:
+        """Close the channels."""
+        for ch in self.channels:
+            await ch.close()
 
 
-class OrchProtocol:
+class OrchProtocol(_Channels):
     """orch.v1.OrchService: token-id prompts, GenerateStream (or Generate with stream=False)."""
 
     name = "orch"
@@ -54,9 +70,8 @@ class OrchProtocol:
     def __init__(self, cfg: "BenchConfig", n_channels: int):
         from protos.orch.v1 import orch_pb2, orch_pb2_grpc
 
+        super().__init__(cfg.endpoint, n_channels, orch_pb2_grpc.OrchServiceStub)
         self.cfg, self.pb = cfg, orch_pb2
-        self.channels = _open_channels(cfg.endpoint, n_channels)
-        self.stubs = [orch_pb2_grpc.OrchServiceStub(ch) for ch in self.channels]
 
     async def info(self) -> ServerInfo:
         """ModelInfo."""
@@ -100,21 +115,17 @@ class OrchProtocol:
             rec.server_output_tokens = r.usage.completion_tokens
             rec.server_prompt_tokens = r.usage.prompt_tokens
 
-    async def close(self) -> None:
-        """Close the channels."""
-        for ch in self.channels:
-            await ch.close()
-
 
 KSERVE_DEFAULT_MODEL = "ensemble"  # the usual name of Triton's TensorRT-LLM model
 
 
-class KServeProtocol:
+class KServeProtocol(_Channels):
     """KServe v2 GRPCInferenceService, Triton TensorRT-LLM tensor names, timed over ModelStreamInfer.
 
-    Inputs text_input (BYTES), max_tokens (INT32), stream (BOOL) and, for ignore_eos, min_length
-    (INT32) = max_tokens or else ignore_eos (BOOL) when the model lists one; output text_output (BYTES). Each streamed response carrying text_output counts
-    as one output token (Triton's decoupled streaming sends one response per token).
+    Inputs text_input (BYTES), max_tokens (INT32), stream (BOOL) and, for ignore_eos, min_length (INT32)
+    = max_tokens, or else ignore_eos (BOOL), when the model lists one; output text_output (BYTES). Each
+    streamed response carrying text_output counts as one output token (Triton's decoupled streaming
+    sends one response per token).
     """
 
     name = "kserve"
@@ -122,10 +133,9 @@ class KServeProtocol:
     def __init__(self, cfg: "BenchConfig", n_channels: int):
         from protos.kserve import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 
+        super().__init__(cfg.endpoint, n_channels, grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub)
         self.cfg, self.pb = cfg, grpc_predict_v2_pb2
         self.model = cfg.model or KSERVE_DEFAULT_MODEL
-        self.channels = _open_channels(cfg.endpoint, n_channels)
-        self.stubs = [grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(ch) for ch in self.channels]
         self.inputs: list[str] = []
 
     async def info(self) -> ServerInfo:
@@ -177,11 +187,6 @@ class KServeProtocol:
                 rec.finish_reason = "FINAL_RESPONSE"
                 call.cancel()
                 break
-
-    async def close(self) -> None:
-        """Close the channels."""
-        for ch in self.channels:
-            await ch.close()
 
 
 def _info_call_args(cfg: "BenchConfig") -> dict:

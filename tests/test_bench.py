@@ -329,3 +329,28 @@ def test_kserve_stream_counts_one_token_per_response(server):
     bad = run_bench(BenchConfig(f"127.0.0.1:{server.port}", protocol="kserve", model="nope", output_len=3,
                                 concurrency=2, num_requests=3, warmup_requests=0))
     assert bad.summary.failed == 3 and set(bad.summary.errors) == {"INFER_ERROR"}
+
+
+def test_two_client_processes_share_the_load(server):
+    before = _generated(server)
+    cfg = BenchConfig(f"127.0.0.1:{server.port}", input_len=10, output_len=6, concurrency=4, num_requests=10,
+                      warmup_requests=2, processes=2, seed=8)
+    res = run_bench(cfg)
+    s = res.summary
+    assert [r.index for r in res.records] == list(range(10)) and len(res.warmup) == 2
+    assert (s.completed, s.total_output_tokens) == (10, 60) and _generated(server) - before == 12 * 6
+    assert 2 <= s.max_in_flight <= 4
+    single = Workload(cfg, 512, {0, 1}).take(10)  # the same prompts as one process would send
+    assert [r.input_len for r in res.records] == [r.input_len for r in single]
+
+
+def test_duration_bound_run_stops_sending_at_the_deadline(server):
+    cfg = BenchConfig(f"127.0.0.1:{server.port}", input_len=8, output_len=4, concurrency=2, duration_s=0.6,
+                      warmup_requests=0, processes=2)
+    res = run_bench(cfg)
+    s = res.summary
+    assert s.completed >= 4 and s.failed == 0 and s.total_output_tokens == 4 * s.completed
+    assert len({r.index for r in res.records}) == len(res.records)
+    t0 = min(r.scheduled_ns for r in res.records)
+    assert max(r.scheduled_ns for r in res.records) - t0 < 0.6e9 + 5e7
+    assert s.duration_s >= 0.5
