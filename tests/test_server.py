@@ -204,14 +204,6 @@ def test_health_and_reflection(server):
     ch.close()
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_orch_serve_with_tp2_ranks_and_orch_generate(shards, stub):
     """`orch serve` in its own process, tensor parallel over two local rank processes (gloo),
     answers `orch generate` with the same greedy tokens as the in-process tp1 server."""
@@ -222,9 +214,10 @@ def test_orch_serve_with_tp2_ranks_and_orch_generate(shards, stub):
 
     from orchestrator.client import OrchClient
     from workers.convert import convert_checkpoint
+    from workers.server import free_port
 
     convert_checkpoint(shards.parent / "model", shards, 2, 1)
-    port, mport = _free_port(), _free_port()
+    port, mport = free_port(), free_port()
     cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--shards", str(shards / "tp2-pp1"),
            "--port", str(port), "--metrics-port", str(mport), "--num-kv-blocks", "32", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

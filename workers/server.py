@@ -77,7 +77,8 @@ def find_layout(shard_dir: Path | str) -> tuple[Path, int, int]:
     return layouts[0], int(m["tp_size"]), int(m["pp_size"])
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -123,7 +124,7 @@ def launch_engine(cfg: ServerConfig) -> tuple[Any, list, ModelInfo]:
     if tp * pp == 1:
         engine = Engine(layout, device=cfg.device, num_kv_blocks=num_blocks, block_size=cfg.block_size)
     else:
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_port()}"
         ctx = multiprocessing.get_context("spawn")
         for rank in range(1, tp * pp):
             p = ctx.Process(target=run_rank, name=f"orch-rank-{rank}", daemon=True, kwargs=dict(
