@@ -1,0 +1,89 @@
+"""Kernel microbenchmarks on the GPU at Llama-3.1-8B shapes: gemv vs cuBLAS (GB/s of weights streamed),
+decode attention (GB/s of KV read) and the small fused kernels (us per call). Times are medians of
+CUDA-event timings, inputs rotated so that weights do not sit in L2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workers.kernels import gemv, paged_attention, rms_norm, rope_cache, silu_mul  # noqa: E402
+from workers.kernels.autotune import time_ms  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+
+
+def bench_gemv(out: dict) -> None:
+    dt = torch.bfloat16
+    for name, (n, k) in SHAPES.items():
+        copies = max(2, (512 << 20) // (n * k * 2))
+        ws = [torch.randn(n, k, device="cuda", dtype=dt) for _ in range(copies)]
+        for m in (1, 2, 4, 8):
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            ours = time_ms(lambda i: gemv.gemv(x, ws[i]), copies, reps=30)
+            cub = time_ms(lambda i: F.linear(x, ws[i]), copies, reps=30)
+            gb = n * k * 2 / 1e9
+            out[f"gemv_{name}_m{m}_gb_s"] = round(gb / (ours / 1e3), 1)
+            out[f"cublas_{name}_m{m}_gb_s"] = round(gb / (cub / 1e3), 1)
+        del ws
+
+
+def bench_attention(out: dict) -> None:
+    dt, nh, nkv, hd, bs = torch.bfloat16, 32, 8, 128, 16
+    for b, ctx in ((1, 128), (1, 2048), (1, 8192), (64, 256), (64, 2048), (256, 256), (256, 1024)):
+        per = -(-ctx // bs)
+        kc = torch.randn(b * per, bs, nkv, hd, device="cuda", dtype=dt)
+        vc = torch.randn_like(kc)
+        bt = torch.randperm(b * per, device="cuda").to(torch.int32).view(b, per)
+        cl = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+        q = torch.randn(b, nh, hd, device="cuda", dtype=dt)
+        ms = time_ms(lambda i: paged_attention.paged_decode_attention(q, kc, vc, bt, cl, hd ** -0.5), 1, reps=30)
+        kv_bytes = 2 * b * ctx * nkv * hd * 2
+        out[f"attn_b{b}_ctx{ctx}_us"] = round(ms * 1e3, 1)
+        out[f"attn_b{b}_ctx{ctx}_gb_s"] = round(kv_bytes / (ms / 1e3) / 1e9, 1)
+        del kc, vc
+
+
+def bench_small(out: dict) -> None:
+    dt = torch.bfloat16
+    for t in (1, 256):
+        x, r, w = (torch.randn(t, 4096, device="cuda", dtype=dt) for _ in range(3))
+        out[f"rms_norm_t{t}_us"] = round(time_ms(lambda i: rms_norm.rms_norm(x, w[0], 1e-5, r), 1, reps=50) * 1e3, 2)
+        gu = torch.randn(t, 28672, device="cuda", dtype=dt)
+        out[f"silu_mul_t{t}_us"] = round(time_ms(lambda i: silu_mul.silu_mul(gu), 1, reps=50) * 1e3, 2)
+        q, k, v = (torch.randn(t, h, 128, device="cuda", dtype=dt) for h in (32, 8, 8))
+        cos, sin = torch.rand(4096, 64, device="cuda"), torch.rand(4096, 64, device="cuda")
+        kc = torch.zeros(64, 16, 8, 128, device="cuda", dtype=dt)
+        pos = torch.arange(t, device="cuda")
+        out[f"rope_cache_t{t}_us"] = round(time_ms(lambda i: rope_cache.rope_and_cache_write(
+            q, k, v, pos, cos, sin, kc, kc, pos), 1, reps=50) * 1e3, 2)
+        out[f"torch_empty_add_t{t}_us"] = round(time_ms(lambda i: x + r, 1, reps=50) * 1e3, 2)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    out: dict = {}
+    for fn in (bench_small, bench_attention, bench_gemv):
+        t0 = time.perf_counter()
+        fn(out)
+        print(f"{fn.__name__}: {time.perf_counter() - t0:.1f} s", flush=True)
+    res = {"name": "kernels_8b_shapes", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "device": torch.cuda.get_device_name(), "command": "python benchmarks/bench_kernels.py", "metrics": out}
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    for k, v in out.items():
+        print(f"{k:40s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""CPU-side logic of the engine build: pins and mismatch messages, build keys, manifests, tuning tables."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from orchestrator.errors import EngineMismatchError
+from workers.build import (PINNED, build_engine, build_key, kernel_specs, mismatch_message, mismatches,
+                           read_engine_manifest, sources_hash)
+from workers.kernels.tuning import Tuning
+from workers.models.config import parse_model_config
+from workers.models.tiny import tiny_config
+
+ENV = {"gpu_name": "NVIDIA H100 80GB HBM3", "arch": "sm_90", "cuda_runtime": "13.0", "cuda_driver": "13.0",
+       "nvrtc": "13.0", "cupy": "14.2.0", "torch": "2.11.0+cu130", "orch": "0.1.0"}
+
+
+def test_mismatch_names_exactly_what_differs_and_how_to_rebuild():
+    other = dict(ENV, gpu_name="NVIDIA H200", torch="2.12.0")
+    assert mismatches(ENV, ENV) == []
+    diffs = mismatches(dict(ENV, shard_dir="/a/rank-0-0"), other)
+    assert diffs == ["gpu_name: built for 'NVIDIA H100 80GB HBM3', this worker has 'NVIDIA H200'",
+                     "torch: built for '2.11.0+cu130', this worker has '2.12.0'"]
+    msg = mismatch_message("/e/x", dict(ENV, shard_dir="/a/rank-0-0"), other)
+    assert msg.startswith("/e/x/engine.json: engine does not match this worker (")
+    assert "orch build" in msg and "/a/rank-0-0" in msg and "orch apply" in msg and "cupy" not in msg
+
+
+def test_build_key_follows_shard_stack_and_sources():
+    m = {"content_hash": "abc"}
+    k = build_key(m, ENV, "src1")
+    assert build_key(m, dict(ENV), "src1") == k                        # deterministic
+    assert build_key({"content_hash": "abd"}, ENV, "src1") != k         # another shard
+    assert build_key(m, ENV, "src2") != k                               # kernel sources changed
+    for key in PINNED:
+        assert build_key(m, dict(ENV, **{key: "x"}), "src1") != k       # any pinned part of the stack
+    assert build_key(m, dict(ENV, unrelated="y"), "src1") == k          # runtime settings take no part
+
+
+def test_kernel_specs_follow_model_shape():
+    cfg = parse_model_config(tiny_config("llama", num_attention_heads=8, num_key_value_heads=2)).to_dict()
+    specs = kernel_specs(cfg, 1, "bfloat16")
+    fams = [s.family for s in specs]
+    assert fams == ["rms_norm", "silu_mul", "rope_cache", "gemv", "paged_attention"]
+    attn = dict(specs[-1].defines)
+    assert attn == {"DTYPE": 2, "GROUP": 4, "HD": 16}
+    assert dict(kernel_specs(cfg, 2, "float32")[-1].defines) == {"DTYPE": 0, "GROUP": 4, "HD": 16}
+    assert sources_hash(specs) != sources_hash(kernel_specs(cfg, 1, "float16"))
+    assert "#define HD 16" in specs[-1].source() and "paged_decode_combine" in specs[-1].source()
+
+
+def test_engine_manifest_reading(tmp_path):
+    assert read_engine_manifest(tmp_path) is None                      # a plain shard directory
+    (tmp_path / "engine.json").write_text("{not json")
+    with pytest.raises(EngineMismatchError, match="unreadable engine manifest"):
+        read_engine_manifest(tmp_path)
+    (tmp_path / "engine.json").write_text(json.dumps({"format": "orch-engine", "format_version": 99}))
+    with pytest.raises(EngineMismatchError, match="not an orch-engine v1 manifest"):
+        read_engine_manifest(tmp_path)
+
+
+def test_tuning_table_round_trip_and_lookup():
+    t = Tuning(attention_splits={1: 32, 8: 4, 64: 1}, gemv_max_m={"4096x4096": 3}, default_gemv_max_m=2)
+    back = Tuning.from_dict(json.loads(json.dumps(t.to_dict())))
+    assert back == t
+    assert [t.splits_for(b, 8) for b in (1, 2, 8, 9, 64, 300)] == [32, 4, 4, 1, 1, 1]
+    assert t.gemv_limit(4096, 4096) == 3 and t.gemv_limit(14336, 4096) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_build_without_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(EngineMismatchError, match="needs a CUDA GPU"):
+        build_engine(tmp_path / "shard", tmp_path / "engines")

@@ -1,0 +1,193 @@
+"""Each CUDA kernel against its torch reference (workers/kernels/reference.py), on random inputs and
+awkward shapes; references run in float64 on upcast inputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU", allow_module_level=True)
+cupy = pytest.importorskip("cupy")
+
+from workers.kernels import reference as ref  # noqa: E402
+from workers.kernels.gemv import gemv, supported as gemv_supported  # noqa: E402
+from workers.kernels.paged_attention import paged_decode_attention  # noqa: E402
+from workers.kernels.rms_norm import rms_norm  # noqa: E402
+from workers.kernels.rope_cache import rope_and_cache_write  # noqa: E402
+from workers.kernels.silu_mul import silu_mul  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    """||out - want|| / ||want|| in float64; inf when out holds a NaN (unwritten poisoned memory)."""
+    out, want = out.double(), want.double()
+    if torch.isnan(out).any():
+        return math.inf
+    return ((out - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def poison() -> None:
+    """Fill freed allocator blocks with NaN so an unwritten output element shows up."""
+    big = torch.full((32 * 1024 * 1024,), float("nan"), device="cuda")
+    del big
+    for n in (1 << 12, 1 << 16, 1 << 20):
+        torch.full((n,), float("nan"), device="cuda")
+
+
+def rnd(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device="cuda", dtype=torch.float32) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H", [(1, 4096), (7, 64), (33, 1000), (3, 13), (2, 8192)])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_rms_norm(dtype, T, H, with_res):
+    x, w = rnd(T, H, dtype=dtype), rnd(H, dtype=dtype, scale=0.5) + 1
+    r = rnd(T, H, dtype=dtype) if with_res else None
+    poison()
+    out, res = rms_norm(x, w, 1e-5, r)
+    want, want_res = ref.rms_norm(x.double(), w.double(), 1e-5, None if r is None else r.double())
+    assert rel_err(out, want) < TOL[dtype]
+    if with_res:
+        assert torch.equal(res, x + r)           # the same rounding as torch's add
+    else:
+        assert res is x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,I", [(1, 14336), (5, 8), (3, 13), (17, 2048)])
+def test_silu_mul(dtype, T, I):
+    x = rnd(T, 2 * I, dtype=dtype, scale=2.0)
+    poison()
+    out = silu_mul(x)
+    assert out.shape == (T, I)
+    assert rel_err(out, ref.silu_mul(x.double())) < TOL[dtype]
+
+
+def test_silu_mul_strided_rows():
+    x = rnd(4, 2 * 64 + 8, dtype=torch.bfloat16)[:, : 2 * 64]   # rows padded: stride != 2I
+    assert rel_err(silu_mul(x), ref.silu_mul(x.double())) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nh,nkv,hd,bs", [(32, 8, 128, 16), (4, 2, 16, 5), (6, 1, 64, 1)])
+def test_rope_and_cache_write(dtype, nh, nkv, hd, bs):
+    T, nblocks, maxpos = 19, 40, 4096
+    from workers.rope import inv_frequencies
+
+    inv = inv_frequencies(hd, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})
+    freqs = torch.outer(torch.arange(maxpos, dtype=torch.float32), inv).cuda()
+    cos, sin = freqs.cos(), freqs.sin()
+    q, k, v = rnd(T, nh, hd, dtype=dtype), rnd(T, nkv, hd, dtype=dtype), rnd(T, nkv, hd, dtype=dtype)
+    positions = torch.randint(0, maxpos, (T,), device="cuda")
+    slots = torch.randperm(nblocks * bs, device="cuda")[:T]
+    slots[3] = -1                                            # padding row: nothing stored
+    kc, vc = rnd(nblocks + 1, bs, nkv, hd, dtype=dtype), rnd(nblocks + 1, bs, nkv, hd, dtype=dtype)
+    q2, k2, kc2, vc2, kc0 = q.clone(), k.clone(), kc.clone(), vc.clone(), kc.clone()
+    rope_and_cache_write(q, k, v, positions, cos, sin, kc, vc, slots)
+    keep = slots >= 0
+    ref.rope_and_cache_write(q2, k2, v, positions, cos, sin, kc2, vc2, torch.where(keep, slots, nblocks * bs))  # spare block
+    tol = 0 if dtype == torch.float32 else 1e-2
+    assert rel_err(q, q2) <= max(tol, 1e-6) and rel_err(k, k2) <= max(tol, 1e-6)
+    flat_k, flat_k2 = kc.view(-1, nkv, hd), kc2.view(-1, nkv, hd)
+    assert rel_err(flat_k[slots[keep]], flat_k2[slots[keep]]) <= max(tol, 1e-6)
+    assert torch.equal(vc.view(-1, nkv, hd)[slots[keep]], v[keep])
+    untouched = torch.ones((nblocks + 1) * bs, dtype=torch.bool, device="cuda")
+    untouched[slots[keep]] = False
+    assert torch.equal(kc.view(-1, nkv, hd)[untouched], kc0.view(-1, nkv, hd)[untouched])
+
+
+def test_rope_on_views_of_fused_qkv():
+    """q/k/v as strided views of one qkv row, as the model's split gives them."""
+    T, nh, nkv, hd = 5, 8, 2, 64
+    qkv = rnd(T, (nh + 2 * nkv) * hd, dtype=torch.bfloat16)
+    q, k, v = (t.view(T, -1, hd) for t in qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1))
+    cos, sin = (f.cuda() for f in (torch.rand(64, hd // 2), torch.rand(64, hd // 2)))
+    pos = torch.randint(0, 64, (T,), device="cuda")
+    slots = torch.arange(T, device="cuda") * 3
+    kc, vc = rnd(4, 8, nkv, hd, dtype=torch.bfloat16), rnd(4, 8, nkv, hd, dtype=torch.bfloat16)
+    qr, kr, kc2, vc2 = q.clone(), k.clone(), kc.clone(), vc.clone()
+    rope_and_cache_write(q, k, v, pos, cos, sin, kc, vc, slots)
+    ref.rope_and_cache_write(qr, kr, v.clone(), pos, cos, sin, kc2, vc2, slots)
+    assert rel_err(q, qr) < 1e-2 and rel_err(k, kr) < 1e-2 and rel_err(kc, kc2) < 1e-2 and torch.equal(vc, vc2)
+
+
+def _paged_case(dtype, B, nh, nkv, hd, bs, max_ctx, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ctx = torch.randint(1, max_ctx + 1, (B,), device="cuda", generator=g).to(torch.int32)
+    ctx[0] = 1
+    ctx[-1] = max_ctx
+    maxb = -(-max_ctx // bs) + 2                           # wider than needed: padded rows
+    nblocks = B * maxb + 3
+    perm = torch.randperm(nblocks, device="cuda", generator=g).to(torch.int32)
+    bt = perm[: B * maxb].view(B, maxb).contiguous()
+    kc = rnd(nblocks, bs, nkv, hd, dtype=dtype)
+    vc = rnd(nblocks, bs, nkv, hd, dtype=dtype)
+    q = rnd(B, nh, hd, dtype=dtype)
+    return q, kc, vc, bt, ctx
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,nh,nkv,hd,bs,max_ctx", [
+    (3, 32, 8, 128, 16, 700), (5, 4, 2, 16, 4, 70), (2, 8, 1, 64, 5, 1500), (4, 8, 8, 128, 16, 40),
+    (1, 64, 8, 128, 16, 5000)])
+@pytest.mark.parametrize("splits", [None, 1, 3, 16])
+@pytest.mark.parametrize("window", [None, 37])
+def test_paged_decode_attention(dtype, B, nh, nkv, hd, bs, max_ctx, splits, window):
+    q, kc, vc, bt, ctx = _paged_case(dtype, B, nh, nkv, hd, bs, max_ctx, seed=B * 1000 + max_ctx)
+    scale = hd ** -0.5
+    poison()
+    out = paged_decode_attention(q, kc, vc, bt, ctx, scale, window, num_splits=splits)
+    want = ref.paged_decode_attention(q.double(), kc.double(), vc.double(), bt, ctx, scale, window)
+    assert rel_err(out, want) < TOL[dtype] * (3 if dtype == torch.float32 else 1)
+
+
+def test_paged_decode_attention_is_deterministic():
+    q, kc, vc, bt, ctx = _paged_case(torch.bfloat16, 6, 32, 8, 128, 16, 3000, seed=7)
+    a = paged_decode_attention(q, kc, vc, bt, ctx, 0.1, num_splits=8)
+    b = paged_decode_attention(q, kc, vc, bt, ctx, 0.1, num_splits=8)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (7, 24), (1027, 14336), (6144, 4096)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv(dtype, M, N, K, bias):
+    x = rnd(M, K, dtype=dtype)
+    w = rnd(N, K, dtype=dtype, scale=K ** -0.5)
+    b = rnd(N, dtype=dtype) if bias else None
+    assert gemv_supported(x, w)
+    poison()
+    y = gemv(x, w, b)
+    assert y.shape == (M, N)
+    assert rel_err(y, ref.gemv(x.double(), w.double(), None if b is None else b.double())) < TOL[dtype]
+
+
+def test_gemv_rejects_what_it_cannot_run():
+    assert not gemv_supported(rnd(9, 64, dtype=torch.bfloat16), rnd(8, 64, dtype=torch.bfloat16))
+    assert not gemv_supported(rnd(1, 12, dtype=torch.bfloat16), rnd(8, 12, dtype=torch.bfloat16))
+
+
+def test_kernels_run_inside_a_cuda_graph():
+    """Launches go to torch's current stream, so graph capture records them."""
+    x, w = rnd(2, 4096, dtype=torch.bfloat16), rnd(4096, dtype=torch.bfloat16)
+    wm = rnd(512, 4096, dtype=torch.bfloat16, scale=4096 ** -0.5)
+    rms_norm(x, w, 1e-5)
+    gemv(x, wm)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        h, _ = rms_norm(x, w, 1e-5)
+        y = gemv(h, wm)
+    x.copy_(rnd(2, 4096, dtype=torch.bfloat16))
+    g.replay()
+    torch.cuda.synchronize()
+    want = ref.gemv(ref.rms_norm(x.double(), w.double(), 1e-5)[0], wm.double())
+    assert rel_err(y, want) < 2e-2

@@ -1,0 +1,180 @@
+"""Compile kernel families with NVRTC for this GPU's architecture, cache the cubins, launch on torch's stream."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+KERNEL_DIR = Path(__file__).resolve().parent
+DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+OPTIONS = ("-std=c++17",)
+
+_lock = threading.Lock()
+_modules: dict[tuple[str, int], Any] = {}  # (cubin file name, device) -> loaded cupy Module
+_prebuilt: list[Path] = []              # engine kernel directories searched before compiling
+
+
+class KernelCompileError(RuntimeError):
+    """NVRTC rejected a kernel source (the message holds its log)."""
+
+
+def arch(device: torch.device | int | None = None) -> str:
+    """The real architecture name of a CUDA device, e.g. 'sm_90'."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def nvrtc_version() -> str:
+    """NVRTC's version, 'major.minor'."""
+    from cupy.cuda import nvrtc
+
+    return ".".join(str(v) for v in nvrtc.getVersion())
+
+
+def cache_dir() -> Path:
+    """Where compiled cubins are kept between processes ($ORCH_KERNEL_CACHE or ~/.cache/orch/kernels)."""
+    return Path(os.environ.get("ORCH_KERNEL_CACHE", Path.home() / ".cache" / "orch" / "kernels"))
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One compiled variant of a kernel family: `<family>.cu` with compile-time defines."""
+
+    family: str
+    defines: tuple[tuple[str, int], ...]
+
+    def source(self) -> str:
+        head = "".join(f"#define {k} {v}\n" for k, v in self.defines)
+        return head + _read("_prelude.cu") + _read(f"{self.family}.cu")
+
+    def filename(self, sm: str) -> str:
+        return _filename(self, sm)
+
+
+@functools.lru_cache(maxsize=None)
+def _read(name: str) -> str:
+    return (KERNEL_DIR / name).read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def _filename(s: ModuleSpec, sm: str) -> str:
+    h = hashlib.sha256("\0".join([s.source(), sm, nvrtc_version(), *OPTIONS]).encode()).hexdigest()
+    return f"{s.family}-{sm}-{h[:16]}.cubin"
+
+
+def spec(family: str, dtype: torch.dtype, **defines: int) -> ModuleSpec:
+    """The variant of `family` for an element type and extra defines."""
+    return ModuleSpec(family, (("DTYPE", DTYPE_IDS[dtype]), *sorted(defines.items())))
+
+
+def compile_cubin(s: ModuleSpec, sm: str) -> bytes:
+    """NVRTC-compile a module variant to a cubin for architecture `sm`."""
+    from cupy.cuda import nvrtc
+
+    prog = nvrtc.createProgram(s.source(), f"{s.family}.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, [f"--gpu-architecture={sm}", *OPTIONS])
+        except nvrtc.NVRTCError as e:
+            raise KernelCompileError(f"{s.family}.cu {dict(s.defines)} for {sm}: {e}\n"
+                                     f"{nvrtc.getProgramLog(prog)}") from None
+        return nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def register_prebuilt(directory: Path | str) -> None:
+    """Search `directory` (an engine's kernels/) for cubins before compiling."""
+    d = Path(directory)
+    with _lock:
+        if d not in _prebuilt:
+            _prebuilt.insert(0, d)
+
+
+def cubin_path(s: ModuleSpec, sm: str | None = None, compile_missing: bool = True) -> Path:
+    """The cubin file of a variant: a prebuilt one, a cached one, or freshly compiled into the cache."""
+    sm = sm or arch()
+    name = s.filename(sm)
+    for d in [*_prebuilt, cache_dir()]:
+        if (d / name).is_file():
+            return d / name
+    if not compile_missing:
+        raise FileNotFoundError(name)
+    out = cache_dir() / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(compile_cubin(s, sm))
+    os.replace(tmp, out)
+    log.debug("compiled %s", name)
+    return out
+
+
+def function(s: ModuleSpec, name: str) -> Any:
+    """A kernel function of a variant, loaded into the current CUDA context (compiled on first use)."""
+    return _function(s, name, torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _function(s: ModuleSpec, name: str, device: int) -> Any:
+    sm = arch(device)
+    key = (s.filename(sm), device)
+    mod = _modules.get(key)
+    if mod is None:
+        from cupy.cuda import function as cufn
+
+        with _lock:
+            mod = _modules.get(key)
+            if mod is None:
+                mod = cufn.Module()
+                mod.load_file(str(cubin_path(s, sm)))  # the current device's context
+                _modules[key] = mod
+    return mod.get_function(name)
+
+
+class _Stream:
+    """The one attribute cupy's launcher reads from a stream object."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+
+def launch(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0) -> None:
+    """Launch on torch's current stream (so it joins torch's ordering and CUDA graph capture)."""
+    fn(grid, block, args, shared_mem, _Stream(torch.cuda.current_stream().cuda_stream))
+
+
+def ptr(t: torch.Tensor | None) -> np.uint64:
+    """A tensor's device address as a kernel argument (0 for None)."""
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def i32(v: int) -> np.int32:
+    """An int kernel argument."""
+    return np.int32(v)
+
+
+def i64(v: int) -> np.int64:
+    """A long long kernel argument."""
+    return np.int64(v)
+
+
+def f32(v: float) -> np.float32:
+    """A float kernel argument."""
+    return np.float32(v)
+
+
+def aligned(*tensors: torch.Tensor, to: int = 16) -> bool:
+    """Whether every tensor's address is a multiple of `to` bytes."""
+    return all(t.data_ptr() % to == 0 for t in tensors)

@@ -1,0 +1,110 @@
+// Shared by every kernel family: the element type chosen by -DDTYPE (0 float32, 1 float16, 2 bfloat16)
+// and float conversions written with PTX, so that no CUDA header is needed at NVRTC time.
+// All arithmetic is done in float; storage is scalar_t.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+#ifndef DTYPE
+#define DTYPE 2
+#endif
+
+#if DTYPE == 0
+typedef float scalar_t;
+#else
+typedef unsigned short scalar_t;
+#endif
+
+__device__ __forceinline__ float to_f(scalar_t x) {
+#if DTYPE == 0
+  return x;
+#elif DTYPE == 1
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+  return f;
+#else
+  return __uint_as_float(((unsigned int)x) << 16);
+#endif
+}
+
+__device__ __forceinline__ scalar_t from_f(float f) {
+#if DTYPE == 0
+  return f;
+#elif DTYPE == 1
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#else
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#endif
+}
+
+// Round a float to the storage type and back (reproduces torch's per-op rounding).
+__device__ __forceinline__ float rnd(float f) { return to_f(from_f(f)); }
+
+#if DTYPE != 0
+__device__ __forceinline__ void unpack2(unsigned int w, float& lo, float& hi) {
+#if DTYPE == 2
+  lo = __uint_as_float(w << 16);
+  hi = __uint_as_float(w & 0xffff0000u);
+#else
+  lo = to_f((scalar_t)(w & 0xffffu));
+  hi = to_f((scalar_t)(w >> 16));
+#endif
+}
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+  return ((unsigned int)from_f(hi) << 16) | (unsigned int)from_f(lo);
+}
+#endif
+
+// 8 consecutive elements: one 16-byte access for 16-bit types, two for float32 (p aligned to that).
+__device__ __forceinline__ void load8(const scalar_t* p, float* f) {
+#if DTYPE == 0
+  float4 a = __ldg((const float4*)p), b = __ldg((const float4*)p + 1);
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+#else
+  uint4 u = __ldg((const uint4*)p);
+  unpack2(u.x, f[0], f[1]); unpack2(u.y, f[2], f[3]); unpack2(u.z, f[4], f[5]); unpack2(u.w, f[6], f[7]);
+#endif
+}
+
+// The same for memory that this kernel (or an earlier one in the graph) may write: plain loads.
+__device__ __forceinline__ void load8_rw(const scalar_t* p, float* f) {
+#if DTYPE == 0
+  float4 a = *((const float4*)p), b = *((const float4*)p + 1);
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+#else
+  uint4 u = *((const uint4*)p);
+  unpack2(u.x, f[0], f[1]); unpack2(u.y, f[2], f[3]); unpack2(u.z, f[4], f[5]); unpack2(u.w, f[6], f[7]);
+#endif
+}
+
+__device__ __forceinline__ void store8(scalar_t* p, const float* f) {
+#if DTYPE == 0
+  ((float4*)p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+  ((float4*)p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+#else
+  uint4 u;
+  u.x = pack2(f[0], f[1]); u.y = pack2(f[2], f[3]); u.z = pack2(f[4], f[5]); u.w = pack2(f[6], f[7]);
+  *((uint4*)p) = u;
+#endif
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
+__device__ __forceinline__ float block_sum(float v, float* smem32) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) smem32[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? smem32[lane] : 0.f;
+  return warp_sum(v);
+}

@@ -1,0 +1,113 @@
+"""Launch-choice tuning on this GPU for one shard's shapes (run by the engine build)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from workers.kernels import gemv as _gemv
+from workers.kernels import paged_attention as _attn
+from workers.kernels.tuning import Tuning
+
+log = logging.getLogger(__name__)
+
+L2_ROTATE_BYTES = 256 * 1024 * 1024   # weights rotated through so timings do not run out of L2
+
+
+def time_ms(fn: Callable[[int], Any], n_inputs: int, reps: int = 10, warmup: int = 3) -> float:
+    """Median device time of fn(i) in ms (CUDA events), i cycling over n_inputs input sets."""
+    for i in range(warmup):
+        fn(i % n_inputs)
+    times = []
+    for i in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(i % n_inputs)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def linear_shapes(model_config: dict, tp: int, tp_rank: int = 0) -> dict[str, tuple[int, int]]:
+    """name -> (N, K) of the shard's weight matrices."""
+    from workers.layout import local_heads, padded_vocab
+    from workers.models.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(model_config)
+    q, kv = local_heads(cfg, tp, tp_rank)
+    hd, H = cfg.head_dim, cfg.hidden_size
+    inter = cfg.intermediate_size // tp
+    return {"qkv": ((len(q) + 2 * len(kv)) * hd, H), "o": (H, len(q) * hd), "gate_up": (2 * inter, H),
+            "down": (H, inter), "lm_head": (padded_vocab(cfg, tp) // tp, H)}
+
+
+def tune_gemv(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, max_m: int = _gemv.MAX_M) -> dict[str, int]:
+    """"NxK" -> largest M up to which gemv is at least as fast as cuBLAS (0: never)."""
+    out = {}
+    if dtype not in (torch.float16, torch.bfloat16):
+        return {f"{n}x{k}": 0 for n, k in shapes.values()}
+    for name, (n, k) in shapes.items():
+        copies = max(1, min(8, L2_ROTATE_BYTES // (n * k * 2)))
+        ws = [torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5 for _ in range(copies)]
+        best = 0
+        for m in range(1, max_m + 1):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ours = time_ms(lambda i: _gemv.gemv(x, ws[i]), copies)
+            theirs = time_ms(lambda i: F.linear(x, ws[i]), copies)
+            log.debug("gemv %s M=%d: %.4f ms vs cuBLAS %.4f ms", name, m, ours, theirs)
+            if ours > theirs:
+                break
+            best = m
+        out[f"{n}x{k}"] = best
+        del ws
+    return out
+
+
+def tune_attention(nh: int, nkv: int, hd: int, dtype: torch.dtype, batches: tuple[int, ...],
+                   context: int, block_size: int = 16) -> dict[int, int]:
+    """batch -> fastest number of splits of the decode attention at `context` keys per sequence."""
+    bmax = max(batches)
+    blocks_per_seq = -(-context // block_size)
+    shape = (bmax * blocks_per_seq, block_size, nkv, hd)
+    kc = torch.randn(shape, device="cuda", dtype=dtype)
+    vc = torch.randn(shape, device="cuda", dtype=dtype)
+    perm = torch.randperm(bmax * blocks_per_seq, device="cuda", dtype=torch.int64).to(torch.int32)
+    out = {}
+    for b in batches:
+        q = torch.randn(b, nh, hd, device="cuda", dtype=dtype)
+        bt = perm[: b * blocks_per_seq].view(b, blocks_per_seq).contiguous()
+        cl = torch.full((b,), context, device="cuda", dtype=torch.int32)
+        timings = {}
+        for ns in (1, 2, 4, 8, 16, 32, 64):
+            if ns > 1 and b * nkv * ns > 16 * 132:
+                break
+            timings[ns] = time_ms(lambda i: _attn.paged_decode_attention(q, kc, vc, bt, cl, hd ** -0.5,
+                                                                         num_splits=ns), 1)
+        out[b] = min(timings, key=timings.get)
+        log.debug("attention batch %d: %s", b, timings)
+    del kc, vc
+    return out
+
+
+def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
+    """The tuning table for a shard on the current GPU."""
+    from workers.build import TUNE_BATCHES, TUNE_CONTEXT
+    from workers.layout import local_heads
+    from workers.models.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(shard_manifest["model_config"])
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[shard_manifest["dtype"]]
+    q, kv = local_heads(cfg, shard_manifest["tp_size"], shard_manifest["tp_rank"])
+    t = Tuning()
+    t.gemv_max_m = tune_gemv(linear_shapes(shard_manifest["model_config"], shard_manifest["tp_size"],
+                                           shard_manifest["tp_rank"]), dtype)
+    probe_q = torch.empty(1, len(q), cfg.head_dim, dtype=dtype, device="cuda")
+    probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
+    if _attn.supported(probe_q, probe_k):
+        t.attention_splits = tune_attention(len(q), len(kv), cfg.head_dim, dtype, TUNE_BATCHES,
+                                            min(TUNE_CONTEXT, cfg.max_position_embeddings))
+    torch.cuda.empty_cache()
+    return t

@@ -1,0 +1,52 @@
+"""Launch choices for this GPU and model (written by the engine build, defaults otherwise)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class Tuning:
+    """Per-shape launch choices: decode-attention splits per batch size, and up to which M gemv beats cuBLAS."""
+
+    attention_splits: dict[int, int] = field(default_factory=dict)   # batch size -> number of splits
+    attention_min_split: int = 32                                     # fewest keys a split takes
+    gemv_max_m: dict[str, int] = field(default_factory=dict)          # "NxK" -> largest M run by gemv
+    default_gemv_max_m: int = 4
+
+    def splits_for(self, batch: int, nkv: int) -> int:
+        """Splits of the decode attention for `batch` sequences (tuned, else enough blocks for 2 waves)."""
+        if self.attention_splits:
+            known = sorted(self.attention_splits)
+            b = next((k for k in known if k >= batch), known[-1])
+            return self.attention_splits[b]
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        return max(1, min(64, -(-2 * sms // max(1, batch * nkv))))
+
+    def gemv_limit(self, n: int, k: int) -> int:
+        """Largest M for which an x[M,k] @ w[n,k]^T runs on gemv."""
+        return self.gemv_max_m.get(f"{n}x{k}", self.default_gemv_max_m)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (integer keys become strings)."""
+        d = asdict(self)
+        d["attention_splits"] = {str(k): v for k, v in self.attention_splits.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tuning":
+        """Inverse of to_dict."""
+        return cls(attention_splits={int(k): int(v) for k, v in d.get("attention_splits", {}).items()},
+                   attention_min_split=int(d.get("attention_min_split", 32)),
+                   gemv_max_m={str(k): int(v) for k, v in d.get("gemv_max_m", {}).items()},
+                   default_gemv_max_m=int(d.get("default_gemv_max_m", 4)))
+
+
+CURRENT = Tuning()
+
+
+def set_current(t: Tuning) -> None:
+    """Make `t` the table every kernel launch consults."""
+    global CURRENT
+    CURRENT = t
