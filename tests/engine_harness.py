@@ -117,7 +117,7 @@ def run_scenario(engine, vocab: int, seed: int = 0, specs: list[SeqSpec] = SCENA
             s.done += len(c.token_ids)
             if c.want_logits:
                 row = next(rows)
-                s.logits.append(row.clone())
+                s.logits.append(row.cpu())
                 s.generated.append(int(row.argmax()))
                 if len(s.generated) == s.spec.max_new:
                     active.remove(c.seq_id)
@@ -148,17 +148,23 @@ def compare_with_reference(result: dict, hf_model) -> tuple[float, int]:
 # --- multi-process ranks -----------------------------------------------------------------------------
 
 def _rank_main(rank: int, world: int, tp: int, pp: int, init_method: str, jobs: list[tuple[str, int]],
-               out_path: str, num_kv_blocks: int, block_size: int) -> None:
-    """One rank: join the group once, then load and run each (shard_dir, vocab) job in turn."""
+               out_path: str, num_kv_blocks: int, block_size: int, device: str) -> None:
+    """One rank: join the group once, then load and run each (shard_dir, vocab) job in turn.
+    On "cuda" rank r uses GPU r, NCCL for compute and the reference ops (plain torch) on the GPU."""
     torch.set_num_threads(1)
     from workers.dist import DistContext
     from workers.engine import Engine
 
-    ctx = DistContext.init(rank, world, tp, pp, init_method, "gloo", timeout_s=120)
+    if device == "cuda":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    ctx = DistContext.init(rank, world, tp, pp, init_method, backend, timeout_s=120)
     results = []
     try:
         for shard_dir, vocab in jobs:
-            engine = Engine(shard_dir, num_kv_blocks=num_kv_blocks, block_size=block_size, dist=ctx)
+            engine = Engine(shard_dir, num_kv_blocks=num_kv_blocks, block_size=block_size, dist=ctx,
+                            device=device, ops="cpu")
             if ctx.is_driver:
                 results.append(run_scenario(engine, vocab))
                 engine.shutdown(close_dist=False)
@@ -171,15 +177,16 @@ def _rank_main(rank: int, world: int, tp: int, pp: int, init_method: str, jobs: 
 
 
 def run_ranks(jobs: list[tuple[str, int]], tp: int, pp: int, out_path: Path, num_kv_blocks: int = 64,
-              block_size: int = 4, timeout_s: float = 120.0) -> list[dict]:
-    """Run the scenario for each job on tp*pp gloo processes; returns the driver's results per job."""
+              block_size: int = 4, timeout_s: float = 120.0, device: str = "cpu") -> list[dict]:
+    """Run the scenario for each job on tp*pp processes (gloo on CPU, NCCL on GPUs); returns the
+    driver's results per job."""
     import torch.multiprocessing as mp
 
     from workers.dist import free_port
 
     world = tp * pp
     init = f"tcp://127.0.0.1:{free_port()}"
-    ctx = mp.spawn(_rank_main, args=(world, tp, pp, init, jobs, str(out_path), num_kv_blocks, block_size),
+    ctx = mp.spawn(_rank_main, args=(world, tp, pp, init, jobs, str(out_path), num_kv_blocks, block_size, device),
                    nprocs=world, join=False)
     deadline = time.monotonic() + timeout_s
     try:

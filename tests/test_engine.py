@@ -38,14 +38,27 @@ def test_single_rank_matches_transformers(models, name):
     assert err < REL_TOL, f"{name}: relative error {err:.2e}"
 
 
+def _check_parallel(models, tmp_path, tp, pp, device):
+    jobs = [(str(_shards(models, name, tp, pp)), load_model_config(models[name][0]).vocab_size) for name in MODELS]
+    results = run_ranks(jobs, tp, pp, tmp_path / "results.pt", NUM_BLOCKS, BLOCK_SIZE, device=device)
+    for name, result in zip(MODELS, results):
+        err, _ = compare_with_reference(result, models[name][1])
+        assert err < REL_TOL, f"{name} tp={tp} pp={pp} {device}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
 def test_parallel_ranks_match_transformers(models, tmp_path, tp, pp):
     """All four models on one process group of tp*pp gloo ranks (PP splits steps into micro-batches)."""
-    jobs = [(str(_shards(models, name, tp, pp)), load_model_config(models[name][0]).vocab_size) for name in MODELS]
-    results = run_ranks(jobs, tp, pp, tmp_path / "results.pt", NUM_BLOCKS, BLOCK_SIZE)
-    for name, result in zip(MODELS, results):
-        err, _ = compare_with_reference(result, models[name][1])
-        assert err < REL_TOL, f"{name} tp={tp} pp={pp}: relative error {err:.2e}"
+    _check_parallel(models, tmp_path, tp, pp, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_nccl_ranks_match_transformers(models, tmp_path, tp, pp):
+    """The same model code over NCCL on GPUs (reference ops on the GPU), one GPU per rank."""
+    if torch.cuda.device_count() < tp * pp:
+        pytest.skip(f"needs {tp * pp} GPUs")
+    _check_parallel(models, tmp_path, tp, pp, "cuda")
 
 
 def test_sliding_window_is_load_bearing(models):

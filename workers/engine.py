@@ -96,7 +96,10 @@ class Engine:
     """One rank's stage of the model, its KV cache, and the step protocol between ranks."""
 
     def __init__(self, shard_dir: Path | str, *, device: str | torch.device = "cpu", num_kv_blocks: int,
-                 block_size: int, dist: DistContext | None = None, num_microbatches: int | None = None):
+                 block_size: int, dist: DistContext | None = None, num_microbatches: int | None = None,
+                 cuda_graphs: bool = True, ops: str | None = None):
+        """ops: backend module under workers.backends ("cpu": the torch reference, which runs on any
+        device; "cuda": the kernels); default: the device's own. num_microbatches: default pp."""
         self.dist = dist
         tp, pp = (dist.tp, dist.pp) if dist else (1, 1)
         tp_rank, pp_rank = (dist.tp_rank, dist.pp_rank) if dist else (0, 0)
@@ -112,10 +115,15 @@ class Engine:
         self.block_size, self.num_kv_blocks = block_size, num_kv_blocks
         self.tp, self.pp = tp, pp
         self.num_microbatches = num_microbatches or pp
+        kernels = self.device.type == "cuda" and ops != "cpu"
+        if kernels:   # an engine dir's GPU/stack pins, its cubins and tuning table
+            from workers.build import load_engine
+
+            load_engine(self.rank_dir, dist)
         from safetensors.torch import load_file
 
         weights = load_file(str(self.rank_dir / "model.safetensors"), device=str(self.device))
-        self.model = LlamaStage(self.model_config, weights, backend=get_backend(self.device), tp=tp,
+        self.model = LlamaStage(self.model_config, weights, backend=get_backend(self.device, ops), tp=tp,
                                 tp_rank=tp_rank, pp=pp, pp_rank=pp_rank, tp_group=dist.tp_group if dist else None)
         shape = (num_kv_blocks, block_size, self.model.n_kv, self.model_config.head_dim)
         # zeros, not empty: masked-out slots must hold finite values
@@ -123,6 +131,11 @@ class Engine:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in self.model.layers]
         self._stopped = False
+        self.decode_graphs = None   # GPU: engine-dir pins checked, tuned kernels loaded, decode under CUDA graphs
+        if kernels and cuda_graphs and (dist is None or dist.world_size == 1):
+            from workers.cuda_graphs import make_decode_graphs
+
+            self.decode_graphs = make_decode_graphs(self.model, self.kv_caches, block_size, self.device)
         log.info("engine rank (tp %d/%d, pp %d/%d): layers %d-%d, %d KV blocks of %d", tp_rank, tp, pp_rank, pp,
                  self.model.layers.start, self.model.layers.stop - 1, num_kv_blocks, block_size)
 
@@ -227,6 +240,8 @@ class Engine:
 
     def _execute(self, step: StepInput) -> torch.Tensor | None:
         """This rank's share of a step; the driver gets the logits, other ranks None."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(step.chunks):
+            return self.decode_graphs.run(step.chunks)
         d, H = self.dist, self.model_config.hidden_size
         first, last = self.model.first, self.model.last
         pending: list[Any] = []   # (work, tensor) pairs of isends still in flight
@@ -268,7 +283,8 @@ def _block_tables(chunks: list[SeqChunk], device: torch.device) -> torch.Tensor:
 
 def run_rank(shard_dir: Path | str, rank: int, world_size: int, tp: int, pp: int, init_method: str,
              device: str = "cpu", num_kv_blocks: int = 256, block_size: int = 16,
-             backend: str | None = None, on_ready: Callable[[Engine], None] | None = None) -> Engine | None:
+             backend: str | None = None, on_ready: Callable[[Engine], None] | None = None,
+             ops: str | None = None) -> Engine | None:
     """Start one rank: join the group, load its shard; the driver gets its Engine back (to embed in a
     server; call engine.shutdown() at the end), other ranks serve until the driver shuts down.
     on_ready(engine) is called once the shard is loaded, before serving."""
@@ -279,7 +295,8 @@ def run_rank(shard_dir: Path | str, rank: int, world_size: int, tp: int, pp: int
         torch.cuda.set_device(dev)
     ctx = DistContext.init(rank, world_size, tp, pp, init_method, backend or ("nccl" if dev.type == "cuda" else "gloo"))
     try:
-        engine = Engine(shard_dir, device=dev, num_kv_blocks=num_kv_blocks, block_size=block_size, dist=ctx)
+        engine = Engine(shard_dir, device=dev, num_kv_blocks=num_kv_blocks, block_size=block_size, dist=ctx,
+                        ops=ops)
     except BaseException:
         ctx.close()
         raise

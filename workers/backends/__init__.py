@@ -68,9 +68,10 @@ class Backend(Protocol):
         """x[T,N] on each of `world` TP ranks -> [T, world*N] in rank order (x itself when world == 1)."""
 
 
-def get_backend(device: str | torch.device) -> ModuleType:
-    """The backend module for a device: workers.backends.cpu or workers.backends.cuda."""
-    kind = torch.device(device).type
+def get_backend(device: str | torch.device, name: str | None = None) -> ModuleType:
+    """The backend module `name` (default: the device's own): workers.backends.cpu or .cuda.
+    The cpu reference is plain torch and also runs on a GPU (to check kernels against it)."""
+    kind = name or torch.device(device).type
     if kind not in ("cpu", "cuda"):
-        raise ValueError(f"no backend for device {device!r} (cpu | cuda)")
+        raise ValueError(f"no backend {kind!r} (cpu | cuda)")
     return importlib.import_module(f"workers.backends.{kind}")
