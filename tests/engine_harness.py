@@ -176,25 +176,53 @@ def _rank_main(rank: int, world: int, tp: int, pp: int, init_method: str, jobs: 
         ctx.close()
 
 
-def run_ranks(jobs: list[tuple[str, int]], tp: int, pp: int, out_path: Path, num_kv_blocks: int = 64,
-              block_size: int = 4, timeout_s: float = 120.0, device: str = "cpu") -> list[dict]:
-    """Run the scenario for each job on tp*pp processes (gloo on CPU, NCCL on GPUs); returns the
-    driver's results per job."""
+def _run_rank_main(rank: int, world: int, tp: int, pp: int, init_method: str, shard_dir: str, vocab: int,
+                   out_path: str, num_kv_blocks: int, block_size: int) -> None:
+    """One rank started the way servers start them: workers.engine.run_rank."""
+    torch.set_num_threads(1)
+    from workers.engine import run_rank
+
+    engine = run_rank(shard_dir, rank, world, tp, pp, init_method, num_kv_blocks=num_kv_blocks,
+                      block_size=block_size)
+    if engine is not None:
+        result = run_scenario(engine, vocab, specs=SCENARIO[:3])
+        engine.shutdown()
+        torch.save([result], out_path)
+
+
+def _spawn(fn, args: tuple, world: int, timeout_s: float) -> None:
     import torch.multiprocessing as mp
 
-    from workers.dist import free_port
-
-    world = tp * pp
-    init = f"tcp://127.0.0.1:{free_port()}"
-    ctx = mp.spawn(_rank_main, args=(world, tp, pp, init, jobs, str(out_path), num_kv_blocks, block_size, device),
-                   nprocs=world, join=False)
+    ctx = mp.spawn(fn, args=args, nprocs=world, join=False)
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1.0):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"ranks tp={tp} pp={pp} did not finish within {timeout_s} s")
+                raise TimeoutError(f"{world} ranks did not finish within {timeout_s} s")
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.terminate()
+
+
+def run_ranks(jobs: list[tuple[str, int]], tp: int, pp: int, out_path: Path, num_kv_blocks: int = 64,
+              block_size: int = 4, timeout_s: float = 120.0, device: str = "cpu") -> list[dict]:
+    """Run the scenario for each job on tp*pp processes sharing one group (gloo on CPU, NCCL on GPUs);
+    returns the driver's results per job."""
+    from workers.dist import free_port
+
+    init = f"tcp://127.0.0.1:{free_port()}"
+    _spawn(_rank_main, (tp * pp, tp, pp, init, jobs, str(out_path), num_kv_blocks, block_size, device),
+           tp * pp, timeout_s)
     return torch.load(out_path)
+
+
+def run_ranks_via_run_rank(shard_dir: str, vocab: int, tp: int, pp: int, out_path: Path, num_kv_blocks: int = 64,
+                           block_size: int = 4, timeout_s: float = 120.0) -> dict:
+    """A short scenario on ranks started by run_rank (followers exit when the driver shuts down)."""
+    from workers.dist import free_port
+
+    init = f"tcp://127.0.0.1:{free_port()}"
+    _spawn(_run_rank_main, (tp * pp, tp, pp, init, shard_dir, vocab, str(out_path), num_kv_blocks, block_size),
+           tp * pp, timeout_s)
+    return torch.load(out_path)[0]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from orchestrator.errors import CheckpointError
-from tests.engine_harness import MODELS, SeqSpec, compare_with_reference, make_hf_model, run_ranks, run_scenario, \
-    write_shards
+from tests.engine_harness import MODELS, SeqSpec, compare_with_reference, make_hf_model, run_ranks, \
+    run_ranks_via_run_rank, run_scenario, write_shards
 from workers.backends import cpu as ref_ops
 from workers.engine import Engine, SeqChunk, StepInput, kv_block_bytes_for, num_kv_blocks_for_budget
 from workers.models.config import load_model_config
@@ -50,6 +50,14 @@ def _check_parallel(models, tmp_path, tp, pp, device):
 def test_parallel_ranks_match_transformers(models, tmp_path, tp, pp):
     """All four models on one process group of tp*pp gloo ranks (PP splits steps into micro-batches)."""
     _check_parallel(models, tmp_path, tp, pp, "cpu")
+
+
+def test_run_rank_driver_and_follower(models, tmp_path):
+    """Ranks started by run_rank: the driver gets the engine, the follower serves until shutdown()."""
+    shard = _shards(models, "llama_gqa_rope3", 1, 2)
+    result = run_ranks_via_run_rank(str(shard), 512, 1, 2, tmp_path / "r.pt", NUM_BLOCKS, BLOCK_SIZE)
+    err, rows = compare_with_reference(result, models["llama_gqa_rope3"][1])
+    assert rows > 50 and err < REL_TOL
 
 
 @pytest.mark.gpu
