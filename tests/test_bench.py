@@ -354,3 +354,29 @@ def test_duration_bound_run_stops_sending_at_the_deadline(server):
     t0 = min(r.scheduled_ns for r in res.records)
     assert max(r.scheduled_ns for r in res.records) - t0 < 0.6e9 + 5e7
     assert s.duration_s >= 0.5
+
+
+@pytest.mark.slow
+def test_bench_serving_script_writes_results_on_cpu(tmp_path):
+    import subprocess
+    import sys
+
+    from workers.models.tiny import write_random_checkpoint
+
+    model = write_random_checkpoint(tmp_path / "tiny", seed=4)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
+    subprocess.run([sys.executable, str(script), "run", "--model", str(model), "--device", "cpu", "--dtype", "float32",
+                    "--grid", "16/6", "--concurrency", "1,3", "--requests", "6", "--warmup", "2",
+                    "--port", str(_closed_port()), "--max-num-seqs", "4", "--max-seq-len", "128",
+                    "--num-kv-blocks", "32", "--workdir", str(tmp_path / "work"), "--results-dir", str(tmp_path),
+                    "--name", "smoke"], check=True, timeout=300)
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    assert set(doc) == {"name", "date", "device", "command", "metrics"} and doc["name"] == "smoke"
+    m = doc["metrics"]
+    for c in (1, 3):
+        p = f"isl16_osl6_c{c}_"
+        assert m[p + "completed_requests"] == 6 and m[p + "failed_requests"] == 0
+        assert m[p + "output_len_mismatches"] == 0
+        assert m[p + "served_over_engine_ratio"] == pytest.approx(
+            m[p + "output_throughput_tok_per_s"] / m[p + "engine_output_throughput_tok_per_s"])
+    assert (tmp_path / "smoke-isl16-osl6.png").is_file()
