@@ -6,7 +6,10 @@ import os
 import random
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -269,10 +272,79 @@ def test_topology_configmap_is_wired_and_parses(helm, tmp_path):
     rc_name = one(docs, "RayCluster")["metadata"]["name"]
     job = one(docs, "Job")
     assert container(job["spec"]["template"])["command"] == [
-        "orch", "apply", "/etc/orch/topology.yaml", "--address", f"ray://{rc_name}-head-svc:10001", "--wait"]
+        "orch", "apply", "/etc/orch/topology.yaml", "--address", f"ray://{rc_name}-head-svc:10001"]
     init = job["spec"]["template"]["spec"]["initContainers"][0]
     assert f'"{rc_name}-head-svc", 10001' in init["command"][-1]
+    need = json.loads(re.search(r"need = (\[.*\])", init["command"][-1]).group(1))
+    assert need == [f"orch-node-{n.name}" for n in topo.nodes]
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_job_command_parses_with_the_orch_cli(helm):
+    """The Job's command line is one the real `orch` parser accepts, as `apply` of the mounted file."""
+    from orchestrator.cli import build_parser
+
+    job = one(render(helm, sets=["job.extraArgs[0]=--json"]), "Job")
+    cmd = container(job["spec"]["template"])["command"]
+    assert cmd[0] == "orch"
+    args = build_parser().parse_args(cmd[1:])
+    assert (args.command, args.file, args.address, args.json) == (
+        "apply", "/etc/orch/topology.yaml", "ray://llm-orch-head-svc:10001", True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_job_waits_for_every_topology_node_in_a_real_ray_cluster(helm, tmp_path):
+    """The Job's init script, as rendered, against a real Ray head that advertises one of two nodes."""
+    topo = {"name": "w", "model": {"path": "/m"}, "nodes": [{"name": "a", "gpus": 1}, {"name": "b", "gpus": 1}]}
+    job = one(render(helm, values={"topology": topo}, tmp_path=tmp_path), "Job")
+    script = job["spec"]["template"]["spec"]["initContainers"][0]["command"][-1]
+    gcs, client = _free_port(), _free_port()
+    script = script.replace('host, port = "llm-orch-head-svc", 10001', f'host, port = "127.0.0.1", {client}')
+    assert str(client) in script
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={gcs}", f"--ray-client-server-port={client}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
+         '--resources={"orch-node-a": 1}'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the Ray Client port opens once the head is up
+            try:
+                socket.create_connection(("127.0.0.1", client), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        waiter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        line, deadline = "", time.monotonic() + 90
+        while "waiting for Ray nodes" not in line and time.monotonic() < deadline:
+            line = waiter.stdout.readline() or line
+            assert waiter.poll() is None or "waiting for Ray nodes" in line, f"init script exited: {line}"
+        waiter.kill()
+        waiter.wait()
+        assert line.strip() == "waiting for Ray nodes: orch-node-b", line
+        topo["nodes"].pop()  # only node a: the script finds it and exits 0
+        job = one(render(helm, values={"topology": topo}, tmp_path=tmp_path), "Job")
+        script = job["spec"]["template"]["spec"]["initContainers"][0]["command"][-1].replace(
+            'host, port = "llm-orch-head-svc", 10001', f'host, port = "127.0.0.1", {client}')
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # the head's own processes share its process group
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait()
 
 
 def test_topology_from_set_file_matches_inline(helm, tmp_path):
