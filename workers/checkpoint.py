@@ -123,6 +123,9 @@ def _weight_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
                 raise CheckpointError(f"{index}: lists {f.name}, which does not exist in {model_dir}")
         return files, weight_map
     files = sorted(model_dir.glob("*.safetensors"))
+    # Mistral repos also ship consolidated.safetensors (other tensor names) beside the HF files
+    hf_files = [f for f in files if not f.name.startswith("consolidated")]
+    files = hf_files or files
     if not files:
         raise CheckpointError(f"{model_dir}: no *.safetensors files (only safetensors checkpoints are supported)")
     return files, None

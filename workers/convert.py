@@ -520,7 +520,10 @@ class ConvertResult(list):
 @contextmanager
 def _locked(root: Path) -> Iterator[None]:
     """Exclusive lock on <root>/.lock so two converters never write the same shards."""
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RuntimeFailure(f"cannot lock shard directory {root}: {e.strerror or e}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
