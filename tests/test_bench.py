@@ -1,7 +1,6 @@
 """orch bench: statistics and workload (pure), and runs against a real orch server on loopback (tiny
 random model, CPU engine): token counts agree with the request log and the server's own counters,
 errors are counted by status, sweeps give a table and a PNG, KServe v2 streaming."""
-import asyncio
 import json
 import math
 import random

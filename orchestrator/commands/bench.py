@@ -15,9 +15,10 @@ Protocols:
           sampled greedily with ignore_eos, so every answer has exactly --output-len tokens.
   kserve  any KServe v2 gRPC server (inference.GRPCInferenceService/ModelStreamInfer), with the
           Triton TensorRT-LLM tensor names: text_input BYTES, max_tokens INT32, stream BOOL
-          (+ ignore_eos BOOL when the model lists it) -> text_output BYTES. Prompts are random
-          words, about one token each (exact with --tokenizer); each streamed response counts as
-          one output token. --model defaults to "ensemble" (Triton's usual name).
+          (+ min_length INT32 = max_tokens, TensorRT-LLM's way to ignore EOS, or ignore_eos BOOL,
+          when the model lists one) -> text_output BYTES. Prompts are random words, about one
+          token each (exact with --tokenizer); each streamed response counts as one output
+          token. --model defaults to "ensemble" (Triton's usual name).
 
 Load:
   --concurrency N        keep N requests in flight (closed loop).
@@ -27,6 +28,9 @@ Load:
                          how many measured requests, or for how long to send them (requests in
                          flight at the end are awaited and counted). Default: max(64, 4 x concurrency).
   --warmup N             requests sent first and left out of the figures (default 4).
+  --processes N          split the load over N client processes that start together. gRPC in
+                         Python costs the client ~40 us of CPU per streamed message; at more
+                         than ~5,000 tokens/s per process the client itself would skew timings.
 
 Figures (client-side, monotonic clock, measured requests only):
   TTFT   time from sending to the first token.
