@@ -103,6 +103,23 @@ def test_shards_reassemble_bit_exactly(hf_models, tmp_path, kind):
     assert (m["layer_start"], m["layer_stop"]) == ((0, 1) if kind != "llama-tied" else (0, 2))
 
 
+@pytest.mark.parametrize("arch,overrides", [
+    ("mistral", {"sliding_window": 64}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+])
+def test_mistral_and_llama31_rope(tmp_path, arch, overrides):
+    model_dir = write_random_checkpoint(tmp_path / "ck", arch=arch, num_hidden_layers=3, seed=4, **overrides)
+    convert_checkpoint(model_dir, tmp_path / "out", 2, 3, dtype="bfloat16")
+    _assert_reassembles(tmp_path / "out", 2, 3, _original(model_dir), torch.bfloat16)
+    cfg = read_shard_manifest(shard_dir_for(tmp_path / "out", 2, 3, 1, 2))["model_config"]
+    assert cfg["model_type"] == arch
+    if arch == "mistral":
+        assert cfg["sliding_window"] == 64
+    else:
+        assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["rope_scaling"]["factor"] == 8.0
+
+
 def test_manifest_and_files(hf_models, tmp_path):
     model_dir = hf_models["llama-gqa"]
     convert_checkpoint(model_dir, tmp_path / "out", 2, 2, dtype="bfloat16")
