@@ -144,3 +144,20 @@ def test_decode_attention_agrees_with_prefill_attention():
         v = vc.flatten(0, 1)[slots][vis, 1]
         want = torch.softmax(k @ last[1, 5] * 0.3, 0) @ v
         assert torch.allclose(dec[1, 5], want, atol=1e-6)
+
+
+def test_bfloat16_shards_run_close_to_float32(models):
+    """bf16 weights and KV cache on the reference backend: logits near the float32 engine's."""
+    from workers.convert import convert_checkpoint
+
+    model_dir = models["qwen2_bias"][0]
+    bf16 = convert_checkpoint(model_dir, model_dir.parent / "shards-bf16", 1, 1, "bfloat16")[0]
+    chunks = [SeqChunk(0, list(range(3, 40)), 0, [4, 1, 7, 2, 9, 0, 3, 5, 6, 8]), SeqChunk(1, [17], 0, [11])]
+    out = {}
+    for label, shard in (("bf16", bf16), ("f32", _shards(models, "qwen2_bias", 1, 1))):
+        engine = Engine(shard, num_kv_blocks=12, block_size=4)
+        out[label] = engine.step(StepInput(chunks))
+        assert engine.kv_caches[0][0].dtype == (torch.bfloat16 if label == "bf16" else torch.float32)
+    assert out["bf16"].dtype == torch.float32
+    rel = ((out["bf16"] - out["f32"]).norm(dim=-1) / out["f32"].norm(dim=-1)).max().item()
+    assert 0 < rel < 0.05, rel
