@@ -113,19 +113,16 @@ class BenchConfig:
 # workload: lengths, arrivals, prompts (pure, seeded)
 
 
-def sample_lengths(mean: int, n: int, dist: str, spread: float, rng: random.Random,
-                   max_len: int | None = None) -> list[int]:
+def sample_lengths(mean: int, n: int, dist: str, spread: float, rng: random.Random) -> list[int]:
     """n lengths around mean: fixed, uniform in mean*(1 +- spread), or normal with sd mean*spread; >= 1."""
     if dist == "fixed" or spread == 0:
-        out = [mean] * n
-    elif dist == "uniform":
+        return [mean] * n
+    if dist == "uniform":
         lo, hi = max(1, round(mean * (1 - spread))), max(1, round(mean * (1 + spread)))
-        out = [rng.randint(lo, hi) for _ in range(n)]
-    elif dist == "normal":
-        out = [max(1, round(rng.gauss(mean, mean * spread))) for _ in range(n)]
-    else:
-        raise BenchConfigError(f"length distribution {dist!r}: expected one of {', '.join(LEN_DISTS)}")
-    return [min(v, max_len) for v in out] if max_len else out
+        return [rng.randint(lo, hi) for _ in range(n)]
+    if dist == "normal":
+        return [max(1, round(rng.gauss(mean, mean * spread))) for _ in range(n)]
+    raise BenchConfigError(f"length distribution {dist!r}: expected one of {', '.join(LEN_DISTS)}")
 
 
 def poisson_arrivals(rate: float, rng: random.Random, n: int | None = None,
@@ -188,11 +185,11 @@ class Workload:
     """Deterministic stream of requests (seeded): lengths from the config's distributions, unique prompts."""
 
     def __init__(self, cfg: BenchConfig, vocab_size: int, exclude_ids: set[int] | None = None,
-                 max_seq_len: int | None = None, tokenizer: object | None = None, seed_offset: int = 0):
+                 tokenizer: object | None = None, seed_offset: int = 0):
         import numpy as np
 
         self.cfg, self.vocab_size, self.exclude = cfg, vocab_size, set(exclude_ids or ())
-        self.max_seq_len, self.tokenizer = max_seq_len, tokenizer
+        self.tokenizer = tokenizer
         self.rng = random.Random(cfg.seed + seed_offset)
         self.np_rng = np.random.default_rng(cfg.seed + seed_offset)
         self.count, self.stride = 0, 1  # request indices: count, count + stride, ...
@@ -385,7 +382,7 @@ async def run_shard(cfg: BenchConfig, server: ServerInfo, shard: int = 0, shards
     exclude = set(server.eos_token_ids) | {b for b in [server.bos_token_id] if b is not None and b >= 0}
 
     def workload(seed_offset: int) -> Workload:
-        return Workload(cfg, server.vocab_size or FALLBACK_VOCAB, exclude, server.max_seq_len, tok, seed_offset)
+        return Workload(cfg, server.vocab_size or FALLBACK_VOCAB, exclude, tok, seed_offset)
 
     conc = _share(cfg.concurrency, shard, shards) if cfg.concurrency else None
     peak = conc or max(1, math.ceil((cfg.request_rate or 1) / shards))

@@ -50,9 +50,10 @@ class RequestRecord:
         return (self.end_ns - self.start_ns) / 1e6
 
     def tpot_ms(self) -> float | None:
-        """Time per output token after the first: (last token - first token) / (tokens - 1) (ms)."""
+        """Time per output token after the first: (last token - first token) / (tokens - 1) (ms); None
+        when all tokens came in one message (unary Generate)."""
         n = self.output_tokens
-        if n < 2 or len(self.chunk_ns) < 1:
+        if n < 2 or len(self.chunk_ns) < 2:
             return None
         return (self.chunk_ns[-1] - self.chunk_ns[0]) / 1e6 / (n - 1)
 
