@@ -469,6 +469,9 @@ def test_cli_prune_and_uri_artifacts(small, tmp_path):
     text = f"name: c\nmodel: {{path: {small}, dtype: bfloat16}}\nparallelism: {{tensor: 2}}\nbuild: {{artifacts: ART}}\n"
     with pytest.raises(TopologyError, match=r":4: build.artifacts: 's3://b/x' is a URI"):
         convert_topology(parse_topology(text.replace("ART", "s3://b/x"), str(tmp_path / "c.yaml")))
+    bad = parse_topology(text.replace("ART", str(tmp_path / "art")).replace("tensor: 2", "tensor: 3"), "c.yaml")
+    with pytest.raises(PlanError, match=r"^c\.yaml:3: parallelism\.tensor=3 must divide"):
+        convert_topology(bad)
     (tmp_path / "c.yaml").write_text(text.replace("ART", str(tmp_path / "art")))
     root, res = convert_topology(parse_topology((tmp_path / "c.yaml").read_text(), str(tmp_path / "c.yaml")),
                                  progress=False)

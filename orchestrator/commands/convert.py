@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 HELP = """\
@@ -31,15 +32,22 @@ def convert_topology(topo, *, progress: bool = True, force: bool = False, verify
     """Convert a loaded Topology's checkpoint into its layout's shards; returns (root, ConvertResult).
 
     The shards of the layout are in <root>/tp{T}-pp{P}/ (also what `orch serve FILE` needs)."""
+    from orchestrator.errors import PlanError
     from workers.convert import HASH_CACHE, convert_checkpoint, shards_root
 
     artifacts = topo.build.artifacts
     if "://" in artifacts:
         raise topo.error("build.artifacts", f"{artifacts!r} is a URI; converting writes shards to a local directory")
-    root = shards_root(artifacts, topo.model.path)
-    res = convert_checkpoint(topo.model.path, root, topo.parallelism.tensor, topo.parallelism.pipeline,
-                             topo.model.dtype, progress=progress, quantization=topo.build.quantization,
-                             force=force, verify=verify, hash_cache=Path(artifacts) / "shards" / HASH_CACHE)
+    try:
+        root = shards_root(artifacts, topo.model.path)
+        res = convert_checkpoint(topo.model.path, root, topo.parallelism.tensor, topo.parallelism.pipeline,
+                                 topo.model.dtype, progress=progress, quantization=topo.build.quantization,
+                                 force=force, verify=verify, hash_cache=Path(artifacts) / "shards" / HASH_CACHE)
+    except PlanError as e:  # messages start with the topology key at fault: point at its line
+        m = re.match(r"([a-z_]+\.[a-z_]+)=", str(e))
+        if m:
+            raise PlanError(f"{topo.where(m.group(1))}: {e}") from None
+        raise
     return root, res
 
 
