@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from orchestrator.bench_clients import RequestFailed, ServerInfo, make_protocol
+from orchestrator.bench_clients import MIN_LENGTH_INPUTS, RequestFailed, ServerInfo, make_protocol
 from orchestrator.bench_stats import BenchSummary, RequestRecord, summarize
 from orchestrator.errors import OrchError
 
@@ -362,7 +362,7 @@ async def probe(cfg: BenchConfig) -> tuple[ServerInfo, list[str]]:
         notes.append("kserve: prompts are random words, " + ("exactly --input-len tokens of --tokenizer "
                      "(before any special tokens the server adds)" if cfg.tokenizer else "about one token per word")
                      + "; output tokens are counted as one per streamed response")
-        if cfg.ignore_eos and server.inputs and not {"ignore_eos", "min_length"} & set(server.inputs):
+        if cfg.ignore_eos and server.inputs and not {"ignore_eos", *MIN_LENGTH_INPUTS} & set(server.inputs):
             notes.append("kserve: the model has no min_length or ignore_eos input; outputs may stop at EOS")
     if cfg.protocol == "orch" and server.vocab_size is None:
         notes.append(f"prompt token ids drawn below {FALLBACK_VOCAB} (vocab size unknown)")

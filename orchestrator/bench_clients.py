@@ -117,13 +117,14 @@ class OrchProtocol(_Channels):
 
 
 KSERVE_DEFAULT_MODEL = "ensemble"  # the usual name of Triton's TensorRT-LLM model
+MIN_LENGTH_INPUTS = ("min_length", "min_tokens")  # TensorRT-LLM's minimum-output-length input, by version
 
 
 class KServeProtocol(_Channels):
     """KServe v2 GRPCInferenceService, Triton TensorRT-LLM tensor names, timed over ModelStreamInfer.
 
-    Inputs text_input (BYTES), max_tokens (INT32), stream (BOOL) and, for ignore_eos, min_length (INT32)
-    = max_tokens, or else ignore_eos (BOOL), when the model lists one; output text_output (BYTES). Each
+    Inputs text_input (BYTES), max_tokens (INT32), stream (BOOL) and, for ignore_eos, min_length or
+    min_tokens (INT32) = max_tokens, or else ignore_eos (BOOL), when the model lists one; output text_output (BYTES). Each
     streamed response carrying text_output counts as one output token (Triton's decoupled streaming
     sends one response per token).
     """
@@ -155,9 +156,9 @@ class KServeProtocol(_Channels):
             T(name="max_tokens", datatype="INT32", shape=[1, 1], contents=C(int_contents=[req.output_len])),
             T(name="stream", datatype="BOOL", shape=[1, 1], contents=C(bool_contents=[True])),
         ]
-        if self.cfg.ignore_eos and "min_length" in self.inputs:  # TensorRT-LLM: no EOS before min_length
-            inputs.append(T(name="min_length", datatype="INT32", shape=[1, 1],
-                            contents=C(int_contents=[req.output_len])))
+        floor = next((n for n in MIN_LENGTH_INPUTS if n in self.inputs), None) if self.cfg.ignore_eos else None
+        if floor:  # TensorRT-LLM ignores EOS before the minimum length
+            inputs.append(T(name=floor, datatype="INT32", shape=[1, 1], contents=C(int_contents=[req.output_len])))
         elif self.cfg.ignore_eos and "ignore_eos" in self.inputs:
             inputs.append(T(name="ignore_eos", datatype="BOOL", shape=[1, 1], contents=C(bool_contents=[True])))
         return pb.ModelInferRequest(
