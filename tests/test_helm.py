@@ -298,6 +298,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 12-65 s on 2 busy cores: a Ray head and two Ray Client connections
 def test_job_waits_for_every_topology_node_in_a_real_ray_cluster(helm, tmp_path):
     """The Job's init script, as rendered, against a real Ray head that advertises one of two nodes."""
     topo = {"name": "w", "model": {"path": "/m"}, "nodes": [{"name": "a", "gpus": 1}, {"name": "b", "gpus": 1}]}
