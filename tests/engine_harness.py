@@ -226,3 +226,31 @@ def run_ranks_via_run_rank(shard_dir: str, vocab: int, tp: int, pp: int, out_pat
     _spawn(_run_rank_main, (tp * pp, tp, pp, init, shard_dir, vocab, str(out_path), num_kv_blocks, block_size),
            tp * pp, timeout_s)
     return torch.load(out_path)[0]
+
+
+def _mismatched_main(rank: int, init_method: str, shard_dir: str, out_path: str) -> None:
+    """pp=2 ranks whose KV caches disagree (64 vs 8 blocks): the follower fails on a high block id."""
+    torch.set_num_threads(1)
+    from workers.engine import SeqChunk, StepInput, run_rank
+
+    try:
+        engine = run_rank(shard_dir, rank, 2, 1, 2, init_method, num_kv_blocks=64 if rank == 0 else 8,
+                          block_size=4)
+    except IndexError as e:  # the follower: run_rank has left the group on its way out
+        torch.save(f"follower: {e!r}", out_path + ".follower")
+        return
+    engine.step(StepInput([SeqChunk(0, [1, 2, 3], 0, [1])]))
+    try:
+        engine.step(StepInput([SeqChunk(0, [1, 2, 3], 0, [40])]))
+        outcome = "returned"
+    except RuntimeError as e:
+        outcome = f"raised: {e}"
+    torch.save(outcome, out_path)
+
+
+def follower_failure_outcome(shard_dir: str, out_path: Path, timeout_s: float = 60.0) -> tuple[str, str]:
+    """(driver, follower) outcomes when the follower fails mid-step: "raised: ..." or "returned"."""
+    from workers.dist import free_port
+
+    _spawn(_mismatched_main, (f"tcp://127.0.0.1:{free_port()}", shard_dir, str(out_path)), 2, timeout_s)
+    return torch.load(out_path), torch.load(str(out_path) + ".follower")

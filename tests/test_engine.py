@@ -8,7 +8,7 @@ import torch
 
 from orchestrator.errors import CheckpointError
 from tests.engine_harness import MODELS, SeqSpec, compare_with_reference, make_hf_model, run_ranks, \
-    run_ranks_via_run_rank, run_scenario, write_shards
+    follower_failure_outcome, run_ranks_via_run_rank, run_scenario, write_shards
 from workers.backends import cpu as ref_ops
 from workers.engine import Engine, SeqChunk, StepInput, kv_block_bytes_for, num_kv_blocks_for_budget
 from workers.models.config import load_model_config
@@ -161,3 +161,11 @@ def test_bfloat16_shards_run_close_to_float32(models):
     assert out["bf16"].dtype == torch.float32
     rel = ((out["bf16"] - out["f32"]).norm(dim=-1) / out["f32"].norm(dim=-1)).max().item()
     assert 0 < rel < 0.05, rel
+
+
+def test_follower_crash_makes_driver_step_raise(models, tmp_path):
+    """A follower that dies mid-step closes its connections: the driver's step raises, it does not hang."""
+    shard = _shards(models, "llama_gqa_rope3", 1, 2)
+    driver, follower = follower_failure_outcome(str(shard), tmp_path / "outcome.pt")
+    assert follower.startswith("follower: IndexError"), follower
+    assert driver.startswith("raised:"), driver
