@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -239,14 +240,19 @@ def test_random_topologies_give_one_group_per_node(helm, tmp_path):
     for _ in range(3):
         topo = random_topology(rng, rng.randrange(1, 4))
         overrides = {topo["nodes"][0]["name"]: {"resources": {"limits": {"memory": "77Gi"}}}}
+        topo["nodes"][-1]["resources"] = {"fast-nvme": rng.randrange(1, 9)}  # the pod must advertise it too
+        topo["nodes"][-1]["memory_gb"] += 0.5
         docs = render(helm, values={"topology": topo, "nodeOverrides": overrides}, tmp_path=tmp_path)
         g = groups(docs)
         assert list(g) == [n["name"] for n in topo["nodes"]]
         for i, n in enumerate(topo["nodes"]):
             res = container(g[n["name"]]["template"])["resources"]
             assert res["limits"].get("nvidia.com/gpu", 0) == n["gpus"]
-            assert res["requests"]["memory"] == f"{n['memory_gb']}Gi"
-            assert res["limits"]["memory"] == ("77Gi" if i == 0 else f"{n['memory_gb']}Gi")
+            mem = f"{n['memory_gb']}Gi" if n["memory_gb"] == int(n["memory_gb"]) else f"{int(n['memory_gb'] * 1024)}Mi"
+            assert res["requests"]["memory"] == mem
+            assert res["limits"]["memory"] == ("77Gi" if i == 0 else mem)
+            want = {**n.get("resources", {}), f"orch-node-{n['name']}": 1}
+            assert ray_resources(g[n["name"]]["rayStartParams"]["resources"]) == want
         rc_gpus = sum(int(x["rayStartParams"]["num-gpus"]) for x in g.values())
         assert rc_gpus == sum(n["gpus"] for n in topo["nodes"])
 
@@ -511,6 +517,8 @@ TEMPLATE_ERRORS = [
     ("- 1\n- 2\n", "topologyYaml: not a YAML mapping"),
     ({"name": "x", "model": {"path": "/m"}, "nodes": [{"name": "a", "gpus": -1}]}, "topologyYaml: nodes[0].gpus"),
     ({"name": "x", "model": {"path": "/m"}, "nodes": [{"name": "a", "gpus": 1.5}]}, "topologyYaml: nodes[0].gpus"),
+    ({"name": "x", "model": {"path": "/m"}, "nodes": [{"name": "a", "gpus": 1, "memory_gb": 0}]},
+     "topologyYaml: nodes[0].memory_gb"),
     ({"name": "x", "model": {"path": "/m"}, "nodes": [{"name": "GPU_A", "gpus": 1}]}, "topologyYaml: nodes[0].name"),
     ({"name": "x", "model": {"path": "/m"}, "nodes": [{"name": "a", "gpus": 1}, {"name": "a", "gpus": 1}]},
      "nodes[1].name: duplicate node name"),
@@ -555,7 +563,12 @@ def test_notes_tell_how_to_generate(helm):
     proc = helm_run(helm, "install", "llm", str(CHART), "--dry-run=client", "--namespace", "serving")
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
-    assert "orch generate --endpoint $ENDPOINT" in notes
+    from orchestrator.cli import build_parser
+
+    line = next(x for x in notes.splitlines() if x.strip().startswith("orch generate"))
+    args = build_parser().parse_args(shlex.split(line.replace("$ENDPOINT", "127.0.0.1:50051"))[1:])
+    assert (args.command, args.endpoint, args.prompt) == ("generate", "127.0.0.1:50051", "The capital of France is")
+    assert "orch generate --endpoint $ENDPOINT --prompt" in notes
     assert "port-forward svc/llm-orch 50051:50051" in notes
     assert "llm-orch.serving.svc.cluster.local:50051" in notes
 

@@ -46,6 +46,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "ray://%s:10001" (include "orch.headService" .) -}}
 {{- end -}}
 
+{{/* A memory_gb figure as a Kubernetes quantity: whole GiB as Gi, else MiB rounded down. */}}
+{{- define "orch.memoryQuantity" -}}
+{{- if eq (float64 .) (floor .) -}}{{ printf "%dGi" (int64 .) }}{{- else -}}{{ printf "%dMi" (int64 (floor (mulf . 1024))) }}{{- end -}}
+{{- end -}}
+
 {{/* Ray custom resource that pins work to the pod of a topology node. */}}
 {{- define "orch.nodeResource" -}}
 {{- printf "orch-node-%s" . -}}
@@ -97,8 +102,9 @@ checked for what the chart needs, with the keys the chart owns rewritten.
 {{- if not (include "orch.isCount" (get $n "gpus")) -}}
 {{- fail (printf "%s: nodes[%d].gpus: must be a whole number >= 0 (the node's nvidia.com/gpu count), got %v" $src $i (get $n "gpus")) -}}
 {{- end -}}
-{{- if and (hasKey $n "memory_gb") (not (include "orch.isCount" (get $n "memory_gb"))) -}}
-{{- fail (printf "%s: nodes[%d].memory_gb: must be a whole number >= 0, got %v" $src $i (get $n "memory_gb")) -}}
+{{- $mem := get $n "memory_gb" -}}
+{{- if and (hasKey $n "memory_gb") (not (and (or (kindIs "float64" $mem) (kindIs "int64" $mem) (kindIs "int" $mem)) (gt (float64 $mem) 0.0))) -}}
+{{- fail (printf "%s: nodes[%d].memory_gb: must be a positive number of GiB, got %v" $src $i $mem) -}}
 {{- end -}}
 {{- $res := get $n "resources" | default dict -}}
 {{- if not (kindIs "map" $res) -}}
