@@ -2,8 +2,9 @@
 
 For each ISL/OSL of --grid and each --concurrency, `orch bench` (the orch.v1 protocol, greedy,
 ignore_eos) measures the served output tok/s and TTFT/TPOT/ITL/E2E; the engine alone (scheduler +
-engine + sampling in one process, no gRPC, the same requests in the same closed loop) gives the
-baseline, and served / engine is the overhead ratio (goal >= 0.95).
+engine + sampling in one process: no gRPC, no detokenization, the same requests in the same closed
+loop at the same concurrency, after the same warm-up) gives the baseline, and served / engine is the
+overhead ratio (goal >= 0.95).
 
     # everything: (generate an 8B-shape random bf16 checkpoint,) convert, engine baseline, serve, bench
     python benchmarks/bench_serving.py run --generate-8b --name serving-8b-h100
@@ -148,6 +149,25 @@ def start_server(args: argparse.Namespace, shards: Path) -> subprocess.Popen:
         cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
     print("starting:", shlex.join(cmd), file=sys.stderr)
     return subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+
+
+def wait_for_server(proc: subprocess.Popen, endpoint: str, timeout_s: float) -> None:
+    """Block until the server accepts connections; exit if it dies or takes longer than timeout_s."""
+    import grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(endpoint) as ch:
+        while True:
+            if proc.poll() is not None:
+                sys.exit(f"the server exited with status {proc.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                stop_server(proc)
+                sys.exit(f"the server was not ready after {timeout_s:.0f} s")
+            try:
+                grpc.channel_ready_future(ch).result(timeout=2.0)
+                return
+            except grpc.FutureTimeoutError:
+                continue
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -296,6 +316,7 @@ def main() -> None:
     engine = json.loads(engine_json.read_text())
     proc = start_server(args, shards)
     try:
+        wait_for_server(proc, f"127.0.0.1:{args.port}", args.wait_ready)
         metrics, _ = bench_endpoint(args, f"127.0.0.1:{args.port}", Path(args.results_dir))
     finally:
         stop_server(proc)
