@@ -310,6 +310,11 @@ def test_sweep_cli_prints_json_and_writes_the_plot(server, tmp_path, capsys):
                "--warmup", "0", "--sweep", "concurrency=2,4", "--plot", str(png), "--no-progress"])
     text = capsys.readouterr().out
     assert rc == 0 and "TTFT p50 ms" in text and "plot:" in text
+    rc = main(["bench", "--endpoint", f"127.0.0.1:{server.port}", "--isl", "12", "--osl", "5", "-n", "6",
+               "--warmup", "0", "--sweep", "request_rate=50,200", "--plot", str(png), "--json", "--no-progress"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and [r["request_rate"] for r in out["results"]] == [50.0, 200.0]
+    assert all(r["concurrency"] is None and r["total_output_tokens"] == 30 for r in out["results"])
 
 
 def test_kserve_stream_counts_one_token_per_response(server):

@@ -23,7 +23,8 @@ Protocols:
 Load:
   --concurrency N        keep N requests in flight (closed loop).
   --request-rate R       send requests as a Poisson process of R requests/s (open loop); with
-                         --concurrency too, at most N are in flight (later ones wait).
+                         --concurrency too, at most N are in flight (later ones wait, and their
+                         latencies count from when they are sent).
   --num-requests N / --duration S
                          how many measured requests, or for how long to send them (requests in
                          flight at the end are awaited and counted). Default: max(64, 4 x concurrency).
@@ -108,19 +109,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace):
-    """BenchConfig of parsed arguments (validated)."""
+def config_from_args(args: argparse.Namespace, **override):
+    """BenchConfig of parsed arguments, with `override` fields (a sweep's first value), validated."""
+    from dataclasses import replace
+
     from orchestrator.bench import BenchConfig
 
-    conc = args.concurrency if args.concurrency is not None else (None if args.request_rate else 1)
-    return BenchConfig(
+    rate = override.get("request_rate", args.request_rate)
+    conc = args.concurrency if args.concurrency is not None else (None if rate else 1)
+    return replace(BenchConfig(
         endpoint=args.endpoint, protocol=args.protocol, model=args.model, input_len=args.input_len,
         output_len=args.output_len, input_len_dist=args.input_len_dist, output_len_dist=args.output_len_dist,
         len_spread=args.len_spread, concurrency=conc, request_rate=args.request_rate,
         num_requests=args.num_requests, duration_s=args.duration, warmup_requests=args.warmup,
         ignore_eos=args.ignore_eos, stream=args.stream, seed=args.seed, timeout_s=args.timeout,
         channels=args.channels, tokenizer=args.tokenizer, wait_ready_s=args.wait_ready, processes=args.processes,
-    ).validate()
+    ), **override).validate()
 
 
 class _Progress:
@@ -202,11 +206,12 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.bench import parse_sweep, sweep_configs
     from orchestrator.bench_stats import plot_sweep, sweep_table
 
-    cfg = config_from_args(args)
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    cfg = config_from_args(args, **({sweep[0]: sweep[1][0]} if sweep else {}))
     err = Console(stderr=True)
     out = Console() if sys.stdout.isatty() else Console(width=200)  # piped: keep tables unwrapped
-    if args.sweep:
-        key, values = parse_sweep(args.sweep)
+    if sweep:
+        key, values = sweep
         results = []
         for c in sweep_configs(cfg, key, values):
             results.append(_run_one(c, err, args.progress, f"{key}={getattr(c, key)}"))
