@@ -30,11 +30,13 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 # Oldest Kubernetes the chart supports (native gRPC probes are GA from 1.27) and the newest schemas known.
 K8S_VERSIONS = ("1.27.0", f"{kv.latest_version()}.0")
 CORE_KINDS = {"ConfigMap", "Service", "Job", "PersistentVolumeClaim"}
+# Field names of KubeRay's ray.io/v1 RayCluster (its CRD, up to KubeRay 1.5); the chart uses the 1.1-era subset.
 RAYCLUSTER_SPEC_KEYS = {"headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling",
-                        "autoscalerOptions", "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions"}
-HEAD_GROUP_KEYS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
+                        "autoscalerOptions", "headServiceAnnotations", "suspend", "managedBy",
+                        "gcsFaultToleranceOptions", "upgradeStrategy", "authOptions", "networkPolicy", "tlsOptions"}
+HEAD_GROUP_KEYS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template", "labels", "resources"}
 WORKER_GROUP_KEYS = {"groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams",
-                     "template", "scaleStrategy", "suspend", "idleTimeoutSeconds"}
+                     "template", "scaleStrategy", "suspend", "idleTimeoutSeconds", "labels", "resources"}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -112,9 +114,16 @@ def groups(docs: list[dict]) -> dict[str, dict]:
 
 
 def ray_resources(param: str) -> dict:
-    """Decode KubeRay's rayStartParams `resources` value: a JSON object, quoted, quotes escaped."""
-    assert param.startswith('"{') and param.endswith('}"'), param
-    return json.loads(param[1:-1].replace('\\"', '"'))
+    """Read rayStartParams `resources` as its three readers do; they must agree: the shell running
+    KubeRay's `ray start --resources=<value>`, KubeRay (trims quotes, then JSON) and Ray's autoscaler
+    (drops the first and last character and backslashes, then JSON)."""
+    (arg,) = shlex.split(f"--resources={param}")
+    by_shell = json.loads(arg.removeprefix("--resources="))
+    by_kuberay = json.loads(param.strip("'\"` "))
+    by_autoscaler = json.loads(param[1:-1].replace("\\", ""))
+    assert by_shell == by_kuberay == by_autoscaler, (by_shell, by_kuberay, by_autoscaler)
+    assert all(isinstance(v, int) for v in by_autoscaler.values()), "the autoscaler wants whole numbers"
+    return by_shell
 
 
 def topology_of(docs: list[dict]) -> str:
@@ -525,6 +534,8 @@ TEMPLATE_ERRORS = [
     ({"name": "x", "model": {"path": "/m"}, "nodes": [{"name": "a", "gpus": 1, "roles": "convert"}]},
      "topologyYaml: nodes[0].roles"),
     ({"name": "x", "model": {"path": "/m"}}, "topologyYaml: nodes: the chart maps each topology node"),
+    ({"name": "x", "model": {"path": "/m"}, "nodes": [{"name": "a", "gpus": 1, "resources": {"it's": 1}}]},
+     "topologyYaml: nodes[0].resources: Ray resource name"),
 ]
 
 

@@ -113,6 +113,11 @@ checked for what the chart needs, with the keys the chart owns rewritten.
 {{- if and (hasKey $n "roles") (not (kindIs "slice" (get $n "roles"))) -}}
 {{- fail (printf "%s: nodes[%d].roles: must be a list of roles (convert, serve), got %v" $src $i (get $n "roles")) -}}
 {{- end -}}
+{{- range $k, $v := $res -}}
+{{- if not (regexMatch "^[-A-Za-z0-9_.:/]+$" $k) -}}
+{{- fail (printf "%s: nodes[%d].resources: Ray resource name %q must be letters, digits and - _ . : /" $src $i $k) -}}
+{{- end -}}
+{{- end -}}
 {{- $_ := set $res (include "orch.nodeResource" $name) 1 -}}
 {{- $_ := set $n "resources" $res -}}
 {{- /* Pod IPs are not known ahead: the node is found by the Ray resource its pod advertises. */ -}}
@@ -339,7 +344,11 @@ spec:
     {{- end }}
 {{- end -}}
 
-{{/* KubeRay's rayStartParams `resources` value: a JSON object, quoted and escaped as KubeRay expects. */}}
+{{/*
+rayStartParams `resources`: the JSON object in single quotes. KubeRay pastes the value into the shell
+command `ray start --resources=...`, and both KubeRay (trimming the quotes) and Ray's autoscaler
+(dropping the first and last character) read it back as JSON.
+*/}}
 {{- define "orch.rayResourcesParam" -}}
-{{- printf "\"%s\"" (replace "\"" "\\\"" (toJson .)) -}}
+{{- printf "'%s'" (toJson .) -}}
 {{- end -}}
