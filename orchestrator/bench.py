@@ -371,8 +371,8 @@ async def probe(cfg: BenchConfig) -> tuple[ServerInfo, list[str]]:
 
 async def run_shard(cfg: BenchConfig, server: ServerInfo, shard: int = 0, shards: int = 1,
                     hooks: Hooks | None = None, sync: Callable[[], int] | None = None
-                    ) -> tuple[list[RequestRecord], list[RequestRecord]]:
-    """One client process's part of a run: (warm-up records, measured records).
+                    ) -> tuple[list[RequestRecord], list[RequestRecord], float]:
+    """One client process's part of a run: (warm-up records, measured records, CPU busy fraction).
 
     Shard i of n sends requests i, i+n, ... of the run's workload with its share of the concurrency;
     `sync` (multi-process runs) is called after warm-up and returns the common start time (perf_counter_ns).
@@ -410,20 +410,28 @@ async def run_shard(cfg: BenchConfig, server: ServerInfo, shard: int = 0, shards
             await asyncio.sleep(wait / 1e9)
         if total is None:
             src = _until(proto, wl, start + int(cfg.duration_s * 1e9))
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         if cfg.request_rate is None:
             records = await _closed_loop(proto, src, conc, hooks.on_done)
         else:
             arrivals = poisson_arrivals(cfg.request_rate, random.Random(cfg.seed + 7), n=total,
                                         duration_s=cfg.duration_s)[shard::shards]
             records = await _open_loop(proto, src, arrivals, conc, start, hooks.on_done)
+        busy = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
     finally:
         await proto.close()
-    return warmup, records
+    return warmup, records, busy
+
+
+BUSY_WARNING = 0.8  # client CPU seconds per second above which its own delays may show in the timings
 
 
 def _finish(cfg: BenchConfig, server: ServerInfo, notes: list[str], warmup: list[RequestRecord],
-            records: list[RequestRecord]) -> BenchResult:
+            records: list[RequestRecord], busy: list[float]) -> BenchResult:
     records.sort(key=lambda r: r.index)
+    if max(busy) > BUSY_WARNING:
+        notes.append(f"a client process was {max(busy):.0%} busy (CPU time / wall time): its own delays may "
+                     "show in the latencies; spread the load with --processes")
     if warmup and not any(r.ok for r in warmup):
         notes.append("every warm-up request failed")
     if server.max_seq_len:
@@ -432,15 +440,15 @@ def _finish(cfg: BenchConfig, server: ServerInfo, notes: list[str], warmup: list
             notes.append(f"{over} request(s) exceed the server's max_seq_len {server.max_seq_len} "
                          "(prompt + output tokens)")
     t0 = min((r.start_ns for r in records), default=0)
-    return BenchResult(cfg, summarize(cfg, records, notes), records, warmup, server, t0)
+    return BenchResult(cfg, summarize(cfg, records, notes, max(busy)), records, warmup, server, t0)
 
 
 async def run_bench_async(cfg: BenchConfig, hooks: Hooks | None = None) -> BenchResult:
     """Warm up, then run the measured phase in this process; returns all records and their summary."""
     cfg.validate()
     server, notes = await probe(cfg)
-    warmup, records = await run_shard(cfg, server, hooks=hooks)
-    return _finish(cfg, server, notes, warmup, records)
+    warmup, records, busy = await run_shard(cfg, server, hooks=hooks)
+    return _finish(cfg, server, notes, warmup, records, [busy])
 
 
 def _shard_process(cfg: BenchConfig, server: ServerInfo, shard: int, shards: int, q, go, start) -> None:
@@ -454,8 +462,7 @@ def _shard_process(cfg: BenchConfig, server: ServerInfo, shard: int, shards: int
 
     try:
         hooks = Hooks(on_done=lambda ok: q.put(("done", ok)))
-        warmup, records = asyncio.run(run_shard(cfg, server, shard, shards, hooks, sync))
-        q.put(("result", shard, warmup, records))
+        q.put(("result", shard, *asyncio.run(run_shard(cfg, server, shard, shards, hooks, sync))))
     except BaseException:
         q.put(("error", shard, traceback.format_exc()))
 
@@ -476,9 +483,9 @@ def _run_processes(cfg: BenchConfig, hooks: Hooks, shards: int) -> BenchResult:
         p.start()
     if cfg.warmup_requests:
         hooks.on_phase("warmup", cfg.warmup_requests, None)
-    ready, warmup, records, results = 0, [], [], 0
+    ready, warmup, records, busy = 0, [], [], []
     try:
-        while results < shards:
+        while len(busy) < shards:
             try:
                 msg = q.get(timeout=1.0)
             except queue_mod.Empty:
@@ -497,7 +504,7 @@ def _run_processes(cfg: BenchConfig, hooks: Hooks, shards: int) -> BenchResult:
             elif msg[0] == "result":
                 warmup += msg[2]
                 records += msg[3]
-                results += 1
+                busy.append(msg[4])
             else:
                 raise RuntimeFailure(f"benchmark client process {msg[1]} failed:\n{msg[2]}")
     finally:
@@ -505,7 +512,7 @@ def _run_processes(cfg: BenchConfig, hooks: Hooks, shards: int) -> BenchResult:
             p.join(5)
             if p.is_alive():
                 p.kill()
-    return _finish(cfg, server, notes, warmup, records)
+    return _finish(cfg, server, notes, warmup, records, busy)
 
 
 def run_bench(cfg: BenchConfig, hooks: Hooks | None = None) -> BenchResult:

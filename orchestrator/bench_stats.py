@@ -131,6 +131,7 @@ class BenchSummary:
     output_len_mismatches: int  # successful requests whose token count differs from the one asked for
     server_count_mismatches: int  # requests whose received count differs from the server's usage count
     max_in_flight: int
+    client_cpu_busy: float  # CPU time / wall time of the busiest client process in the measured phase
     ttft_ms: Dist
     tpot_ms: Dist
     itl_ms: Dist
@@ -159,6 +160,7 @@ class BenchSummary:
             "completed_requests": self.completed,
             "failed_requests": self.failed,
             "output_len_mismatches": self.output_len_mismatches,
+            "client_cpu_busy_fraction": self.client_cpu_busy,
         }
         for name in ("ttft", "tpot", "itl", "e2e"):
             d: Dist = getattr(self, f"{name}_ms")
@@ -178,7 +180,8 @@ def max_overlap(intervals: list[tuple[int, int]]) -> int:
     return best
 
 
-def summarize(cfg: "BenchConfig", records: list[RequestRecord], notes: list[str] | None = None) -> BenchSummary:
+def summarize(cfg: "BenchConfig", records: list[RequestRecord], notes: list[str] | None = None,
+              client_cpu_busy: float = math.nan) -> BenchSummary:
     """Figures of a run from its request records (the run spans first send to last completion)."""
     ok = [r for r in records if r.ok]
     errors: dict[str, int] = {}
@@ -209,6 +212,7 @@ def summarize(cfg: "BenchConfig", records: list[RequestRecord], notes: list[str]
         server_count_mismatches=sum(1 for r in records if r.server_output_tokens is not None
                                     and r.server_output_tokens != r.output_tokens),
         max_in_flight=max_overlap([(r.start_ns, r.end_ns) for r in records]),
+        client_cpu_busy=client_cpu_busy,
         ttft_ms=Dist.of([x for r in ok if (x := r.ttft_ms()) is not None]),
         tpot_ms=Dist.of([x for r in ok if (x := r.tpot_ms()) is not None]),
         itl_ms=Dist.of(itls),

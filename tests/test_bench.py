@@ -251,7 +251,7 @@ def test_orch_figures_agree_with_the_request_log_and_the_server(server, tmp_path
     assert s.server_count_mismatches == 0
     assert all(r.server_output_tokens == 9 and r.server_prompt_tokens == r.input_len for r in res.records)
     assert s.total_input_tokens == sum(r.input_len for r in res.records) and len({r.input_len for r in res.records}) > 1
-    assert s.max_in_flight == 4
+    assert s.max_in_flight == 4 and 0 < s.client_cpu_busy < 4
     log = tmp_path / "requests.jsonl"
     res.write_request_log(log)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
@@ -351,7 +351,7 @@ def test_two_client_processes_share_the_load(server):
     s = res.summary
     assert [r.index for r in res.records] == list(range(10)) and len(res.warmup) == 2
     assert (s.completed, s.total_output_tokens) == (10, 60) and _generated(server) - before == 12 * 6
-    assert 2 <= s.max_in_flight <= 4
+    assert 2 <= s.max_in_flight <= 4 and 0 < s.client_cpu_busy < 4
     single = Workload(cfg, 512, {0, 1}).take(10)  # the same prompts as one process would send
     assert [r.input_len for r in res.records] == [r.input_len for r in single]
 

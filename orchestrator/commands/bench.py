@@ -191,6 +191,7 @@ def _summary_table(s):
     if s.server_count_mismatches:
         t.add_row("token counts unlike server's usage", str(s.server_count_mismatches))
     t.add_row("max in flight", str(s.max_in_flight))
+    t.add_row("client CPU busy (busiest process)", _fmt(s.client_cpu_busy * 100, "{:.0f}%"))
     for name in ("ttft", "tpot", "itl", "e2e"):
         d = getattr(s, f"{name}_ms")
         t.add_row(f"{name.upper()} ms mean / p50 / p90 / p99",
