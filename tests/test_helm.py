@@ -266,6 +266,19 @@ def test_random_topologies_give_one_group_per_node(helm, tmp_path):
         assert rc_gpus == sum(n["gpus"] for n in topo["nodes"])
 
 
+def test_extra_worker_groups_have_their_replica_count(helm, tmp_path):
+    n = random.randrange(2, 9)
+    docs = render(helm, values={"extraWorkerGroups": [
+        {"name": "pool", "replicas": n, "gpus": 2, "tolerations": [{"key": "spot", "operator": "Exists"}]},
+        {"name": "cpu-pool", "replicas": 0}]}, tmp_path=tmp_path)
+    g = groups(docs)
+    assert (g["pool"]["replicas"], g["pool"]["minReplicas"], g["pool"]["maxReplicas"]) == (n, n, n)
+    assert container(g["pool"]["template"])["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert g["pool"]["template"]["spec"]["tolerations"] == [{"key": "spot", "operator": "Exists"}]
+    assert g["cpu-pool"]["replicas"] == 0 and "nvidia.com/gpu" not in json.dumps(g["cpu-pool"])
+    assert g["pool"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
+
+
 def test_topology_configmap_is_wired_and_parses(helm, tmp_path):
     sets = ["service.grpcPort=50071", "service.metricsPort=9471"]
     docs = render(helm, files=[CHART / "examples" / "multi-node.yaml"], sets=sets)
@@ -361,6 +374,39 @@ def test_job_waits_for_every_topology_node_in_a_real_ray_cluster(helm, tmp_path)
         except ProcessLookupError:
             pass
         head.wait()
+
+
+def _ray_nodes_of(rc: dict, rng: random.Random) -> list[dict]:
+    """The Ray nodes the RayCluster's pods would start, as orchestrator.ray_cluster.ray_nodes() lists them."""
+    def node(params: dict, group: str) -> dict:
+        res = {"CPU": 8.0, "GPU": float(params.get("num-gpus", 0))}
+        if "resources" in params:
+            res.update(ray_resources(params["resources"]))
+        return {"node_id": f"{group}-{rng.randrange(1 << 32):08x}", "ip": f"10.{rng.randrange(256)}.{rng.randrange(256)}.7",
+                "resources": res, "labels": {}, "group": group}
+    spec = rc["spec"]
+    nodes = [node(spec["headGroupSpec"]["rayStartParams"], "head")]
+    for g in spec["workerGroupSpecs"]:
+        nodes += [node(g["rayStartParams"], g["groupName"]) for _ in range(g["replicas"])]
+    rng.shuffle(nodes)
+    return nodes
+
+
+def test_controller_maps_each_topology_node_to_its_own_pod(helm):
+    """orch's controller, given the Ray nodes the rendered RayCluster makes, pins each topology node
+    to the pod of its own worker group, and refuses, naming the node, when that pod is missing."""
+    from orchestrator.errors import OrchError
+    from orchestrator.ray_cluster import match_nodes
+
+    rng = random.Random()
+    docs = render(helm, files=[CHART / "examples" / "multi-node.yaml"])
+    topo = parse_topology(topology_of(docs), "/etc/orch/topology.yaml", base_dir="/etc/orch")
+    nodes = _ray_nodes_of(one(docs, "RayCluster"), rng)
+    mapping = match_nodes(topo, nodes, "cuda")
+    assert {name: n["group"] for name, n in mapping.items()} == {n.name: n.name for n in topo.nodes}
+    gone = rng.choice(topo.nodes).name
+    with pytest.raises(OrchError, match=f"nodes.{gone}: no live Ray node"):
+        match_nodes(topo, [n for n in nodes if n["group"] != gone], "cuda")
 
 
 def test_topology_from_set_file_matches_inline(helm, tmp_path):
