@@ -185,9 +185,20 @@ def _run_rank_main(rank: int, world: int, tp: int, pp: int, init_method: str, sh
     engine = run_rank(shard_dir, rank, world, tp, pp, init_method, num_kv_blocks=num_kv_blocks,
                       block_size=block_size)
     if engine is not None:
+        from workers.engine import SeqChunk, StepInput
+
         result = run_scenario(engine, vocab, specs=SCENARIO[:3])
+        # one step too big for a single control broadcast: 4 prompts of LONG_PROMPT tokens
+        gen = torch.Generator().manual_seed(5)
+        prompts = [torch.randint(0, vocab, (LONG_PROMPT,), generator=gen).tolist() for _ in range(4)]
+        per = -(-LONG_PROMPT // block_size)
+        chunks = [SeqChunk(i, p, 0, list(range(i * per, (i + 1) * per))) for i, p in enumerate(prompts)]
+        result["long"] = (prompts, engine.step(StepInput(chunks)))
         engine.shutdown()
         torch.save([result], out_path)
+
+
+LONG_PROMPT = 1000
 
 
 def _spawn(fn, args: tuple, world: int, timeout_s: float) -> None:

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from orchestrator.errors import CheckpointError
-from tests.engine_harness import MODELS, SeqSpec, compare_with_reference, make_hf_model, run_ranks, \
+from tests.engine_harness import LONG_PROMPT, MODELS, SeqSpec, compare_with_reference, make_hf_model, run_ranks, \
     follower_failure_outcome, run_ranks_via_run_rank, run_scenario, write_shards
 from workers.backends import cpu as ref_ops
-from workers.engine import Engine, SeqChunk, StepInput, kv_block_bytes_for, num_kv_blocks_for_budget
+from workers.dist import CONTROL_WORDS
+from workers.engine import Engine, SeqChunk, StepInput, decode_step, encode_step, kv_block_bytes_for, \
+    num_kv_blocks_for_budget
 from workers.models.config import load_model_config
 
 REL_TOL = 1e-4
@@ -55,9 +57,23 @@ def test_parallel_ranks_match_transformers(models, tmp_path, tp, pp):
 def test_run_rank_driver_and_follower(models, tmp_path):
     """Ranks started by run_rank: the driver gets the engine, the follower serves until shutdown()."""
     shard = _shards(models, "llama_gqa_rope3", 1, 2)
-    result = run_ranks_via_run_rank(str(shard), 512, 1, 2, tmp_path / "r.pt", NUM_BLOCKS, BLOCK_SIZE)
-    err, rows = compare_with_reference(result, models["llama_gqa_rope3"][1])
+    hf = models["llama_gqa_rope3"][1]
+    result = run_ranks_via_run_rank(str(shard), 512, 1, 2, tmp_path / "r.pt", 4 * LONG_PROMPT // BLOCK_SIZE,
+                                    BLOCK_SIZE)
+    err, rows = compare_with_reference(result, hf)
     assert rows > 50 and err < REL_TOL
+    # a step of 4 x 1000-token prompts: over CONTROL_WORDS, so broadcast in two parts
+    prompts, logits = result["long"]
+    blocks = [0] * (LONG_PROMPT // BLOCK_SIZE)
+    assert len(encode_step(StepInput([SeqChunk(0, p, 0, blocks) for p in prompts]))) > CONTROL_WORDS
+    with torch.no_grad():
+        ref = hf(torch.tensor(prompts)).logits[:, -1]
+    assert ((logits - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < REL_TOL
+
+
+def test_step_encoding_round_trips():
+    step = StepInput([SeqChunk(7, [3, 1, 4], 5, [2, 9], False), SeqChunk(2, [8], 0, [0]), SeqChunk(0, [1] * 9, 1, [])])
+    assert decode_step(encode_step(step)) == step
 
 
 @pytest.mark.gpu

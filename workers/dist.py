@@ -17,6 +17,8 @@ import torch.distributed as tdist
 
 log = logging.getLogger(__name__)
 
+CONTROL_WORDS = 4096  # int64 words of the per-step control broadcast (a decode step of ~500 sequences)
+
 
 def free_port() -> int:
     """A TCP port free on this host right now (for a local rendezvous)."""
@@ -99,11 +101,25 @@ class DistContext:
                   ctx.pp_rank, backend)
         return ctx
 
-    def broadcast_object(self, obj: Any) -> Any:
-        """Driver sends `obj` to every rank; the others pass None and get it back."""
-        box = [obj]
-        tdist.broadcast_object_list(box, src=0, group=self.control_group)
-        return box[0]
+    def broadcast_ints(self, values: list[int] | None) -> list[int] | None:
+        """Driver sends a list of ints (None: stop) to every rank; the others pass None and get it back.
+        One fixed-size broadcast over the control group, a second only for lists over CONTROL_WORDS."""
+        buf = torch.zeros(CONTROL_WORDS, dtype=torch.int64)
+        if self.is_driver:
+            buf[0] = -1 if values is None else len(values)
+            head = (values or [])[: CONTROL_WORDS - 1]
+            buf[1: 1 + len(head)] = torch.tensor(head, dtype=torch.int64)
+        tdist.broadcast(buf, src=0, group=self.control_group)
+        n = int(buf[0])
+        if n < 0:
+            return None
+        if n < CONTROL_WORDS:
+            return buf[1: 1 + n].tolist()
+        rest = torch.zeros(n - (CONTROL_WORDS - 1), dtype=torch.int64)
+        if self.is_driver:
+            rest.copy_(torch.tensor(values[CONTROL_WORDS - 1:], dtype=torch.int64))
+        tdist.broadcast(rest, src=0, group=self.control_group)
+        return buf[1:].tolist() + rest.tolist()
 
     def isend(self, tensor: torch.Tensor, dst: int) -> Any:
         """Start sending `tensor` to global rank `dst`; wait() the returned work before reusing it."""

@@ -84,12 +84,25 @@ def num_kv_blocks_for_budget(budget_bytes: int, block_bytes: int) -> int:
 
 # --- the engine -----------------------------------------------------------------------------------
 
-def _encode(step: StepInput) -> list[tuple]:
-    return [(c.seq_id, c.token_ids, c.start_pos, c.block_table, c.want_logits) for c in step.chunks]
+def encode_step(step: StepInput) -> list[int]:
+    """A step as a flat list of ints (for the driver's broadcast)."""
+    out = [len(step.chunks)]
+    for c in step.chunks:
+        out += [c.seq_id, c.start_pos, int(c.want_logits), len(c.token_ids), len(c.block_table)]
+        out += c.token_ids
+        out += c.block_table
+    return out
 
 
-def _decode(msg: list[tuple]) -> StepInput:
-    return StepInput([SeqChunk(*t) for t in msg])
+def decode_step(words: list[int]) -> StepInput:
+    """Inverse of encode_step."""
+    chunks, i = [], 1
+    for _ in range(words[0]):
+        seq_id, start, want, n, nb = words[i: i + 5]
+        i += 5
+        chunks.append(SeqChunk(seq_id, words[i: i + n], start, words[i + n: i + n + nb], bool(want)))
+        i += n + nb
+    return StepInput(chunks)
 
 
 class Engine:
@@ -155,14 +168,14 @@ class Engine:
         if not step.chunks:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
         if self.dist is not None and self.dist.world_size > 1:
-            self.dist.broadcast_object(_encode(step))
+            self.dist.broadcast_ints(encode_step(step))
         return self._execute(step)
 
     def serve_forever(self) -> None:
         """Follow the driver's steps until it shuts down (non-driver ranks)."""
         assert self.dist is not None and not self.dist.is_driver
-        while (msg := self.dist.broadcast_object(None)) is not None:
-            self._execute(_decode(msg))
+        while (words := self.dist.broadcast_ints(None)) is not None:
+            self._execute(decode_step(words))
         log.info("rank %d: driver shut down", self.dist.rank)
 
     def shutdown(self, close_dist: bool = True) -> None:
@@ -173,7 +186,7 @@ class Engine:
         self._stopped = True
         if self.dist is not None and self.dist.is_driver:
             if self.dist.world_size > 1:
-                self.dist.broadcast_object(None)
+                self.dist.broadcast_ints(None)
             if close_dist:
                 self.dist.close()
 
