@@ -326,15 +326,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_script(docs: list[dict], client_port: int) -> str:
+    """The Job's rendered init script, pointed at a Ray Client port on this machine."""
+    script = one(docs, "Job")["spec"]["template"]["spec"]["initContainers"][0]["command"][-1]
+    local = script.replace('host, port = "llm-orch-head-svc", 10001', f'host, port = "127.0.0.1", {client_port}')
+    assert local != script
+    return local
+
+
 @pytest.mark.slow  # 12-65 s on 2 busy cores: a Ray head and two Ray Client connections
 def test_job_waits_for_every_topology_node_in_a_real_ray_cluster(helm, tmp_path):
     """The Job's init script, as rendered, against a real Ray head that advertises one of two nodes."""
     topo = {"name": "w", "model": {"path": "/m"}, "nodes": [{"name": "a", "gpus": 1}, {"name": "b", "gpus": 1}]}
-    job = one(render(helm, values={"topology": topo}, tmp_path=tmp_path), "Job")
-    script = job["spec"]["template"]["spec"]["initContainers"][0]["command"][-1]
     gcs, client = _free_port(), _free_port()
-    script = script.replace('host, port = "llm-orch-head-svc", 10001', f'host, port = "127.0.0.1", {client}')
-    assert str(client) in script
+    script = _wait_script(render(helm, values={"topology": topo}, tmp_path=tmp_path), client)
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", f"--ray-client-server-port={client}",
          "--node-ip-address=127.0.0.1", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
@@ -358,9 +363,7 @@ def test_job_waits_for_every_topology_node_in_a_real_ray_cluster(helm, tmp_path)
         waiter.wait()
         assert line.strip() == "waiting for Ray nodes: orch-node-b", line
         topo["nodes"].pop()  # only node a: the script finds it and exits 0
-        job = one(render(helm, values={"topology": topo}, tmp_path=tmp_path), "Job")
-        script = job["spec"]["template"]["spec"]["initContainers"][0]["command"][-1].replace(
-            'host, port = "llm-orch-head-svc", 10001', f'host, port = "127.0.0.1", {client}')
+        script = _wait_script(render(helm, values={"topology": topo}, tmp_path=tmp_path), client)
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
         assert done.returncode == 0, done.stdout + done.stderr
     finally:
