@@ -51,6 +51,11 @@ def point(isl: int, osl: int, c: int) -> str:
     return f"isl{isl}_osl{osl}_c{c}_"
 
 
+def point_seed(seed: int, isl: int, osl: int, c: int) -> int:
+    """A seed of its own per grid point: no point's prompts are in the server's prefix cache already."""
+    return seed + 1_000_003 * isl + 1009 * osl + c
+
+
 def requests_for(c: int, args: argparse.Namespace) -> int:
     """Measured requests at concurrency c (4 waves, at least --min-requests)."""
     return args.requests or max(args.min_requests, 4 * c)
@@ -120,7 +125,8 @@ def engine_baseline(args: argparse.Namespace, shards: Path) -> dict[str, float]:
     try:
         for isl, osl in parse_grid(args.grid):
             for c in args.concurrency:
-                cfg = BenchConfig("engine:0", input_len=isl, output_len=osl, concurrency=c, seed=args.seed)
+                cfg = BenchConfig("engine:0", input_len=isl, output_len=osl, concurrency=c,
+                                  seed=point_seed(args.seed, isl, osl, c))
                 warm = Workload(cfg, mc.vocab_size, exclude, seed_offset=1_000_003).take(max(c, args.warmup))
                 engine_closed_loop(engine, info, [r.prompt for r in warm], osl, c)
                 reqs = Workload(cfg, mc.vocab_size, exclude).take(requests_for(c, args))
@@ -190,7 +196,7 @@ def bench_endpoint(args: argparse.Namespace, endpoint: str, out_dir: Path) -> tu
         for c in args.concurrency:
             cfg = BenchConfig(endpoint, input_len=isl, output_len=osl, concurrency=c,
                               num_requests=requests_for(c, args), warmup_requests=max(c, args.warmup),
-                              seed=args.seed, wait_ready_s=args.wait_ready,
+                              seed=point_seed(args.seed, isl, osl, c), wait_ready_s=args.wait_ready,
                               processes=args.processes or max(1, math.ceil(c / 64)))
             s = run_bench(cfg).summary
             summaries.append(s)

@@ -429,6 +429,10 @@ BUSY_WARNING = 0.8  # client CPU seconds per second above which its own delays m
 def _finish(cfg: BenchConfig, server: ServerInfo, notes: list[str], warmup: list[RequestRecord],
             records: list[RequestRecord], busy: list[float]) -> BenchResult:
     records.sort(key=lambda r: r.index)
+    cached = sum(r.server_cached_tokens or 0 for r in records)
+    if cached:
+        notes.append(f"{cached} prompt tokens came from the server's prefix cache (prompts of an earlier run "
+                     "with the same --seed?); TTFT is then optimistic")
     if max(busy) > BUSY_WARNING:
         notes.append(f"a client process was {max(busy):.0%} busy (CPU time / wall time): its own delays may "
                      "show in the latencies; spread the load with --processes")
@@ -546,5 +550,6 @@ def parse_sweep(spec: str) -> tuple[str, list[int | float]]:
 
 
 def sweep_configs(cfg: BenchConfig, key: str, values: list[int | float]) -> list[BenchConfig]:
-    """One config per sweep value (the request count follows the concurrency unless it was set)."""
-    return [replace(cfg, **{key: v}).validate() for v in values]
+    """One config per sweep value (the request count follows the concurrency unless it was set; each
+    point has its own seed, so no point's prompts hit the server's prefix cache from an earlier one)."""
+    return [replace(cfg, **{key: v}, seed=cfg.seed + 1009 * i).validate() for i, v in enumerate(values)]

@@ -114,6 +114,7 @@ class OrchProtocol(_Channels):
         if r.HasField("usage"):
             rec.server_output_tokens = r.usage.completion_tokens
             rec.server_prompt_tokens = r.usage.prompt_tokens
+            rec.server_cached_tokens = r.usage.cached_prompt_tokens
 
 
 KSERVE_DEFAULT_MODEL = "ensemble"  # the usual name of Triton's TensorRT-LLM model

@@ -27,6 +27,7 @@ class RequestRecord:
     chunk_tokens: list[int] = field(default_factory=list)  # tokens in each such message
     server_output_tokens: int | None = None  # the server's own count (usage), when it sends one
     server_prompt_tokens: int | None = None
+    server_cached_tokens: int | None = None  # prompt tokens the server took from its prefix cache
     finish_reason: str = ""
     status: str = "OK"
     error: str = ""
@@ -131,6 +132,8 @@ class BenchSummary:
     output_len_mismatches: int  # successful requests whose token count differs from the one asked for
     server_count_mismatches: int  # requests whose received count differs from the server's usage count
     max_in_flight: int
+    seed: int
+    cached_prompt_tokens: int  # prompt tokens of successful requests the server found in its prefix cache
     client_cpu_busy: float  # CPU time / wall time of the busiest client process in the measured phase
     ttft_ms: Dist
     tpot_ms: Dist
@@ -212,6 +215,8 @@ def summarize(cfg: "BenchConfig", records: list[RequestRecord], notes: list[str]
         server_count_mismatches=sum(1 for r in records if r.server_output_tokens is not None
                                     and r.server_output_tokens != r.output_tokens),
         max_in_flight=max_overlap([(r.start_ns, r.end_ns) for r in records]),
+        seed=cfg.seed,
+        cached_prompt_tokens=sum(r.server_cached_tokens or 0 for r in ok),
         client_cpu_busy=client_cpu_busy,
         ttft_ms=Dist.of([x for r in ok if (x := r.ttft_ms()) is not None]),
         tpot_ms=Dist.of([x for r in ok if (x := r.tpot_ms()) is not None]),

@@ -334,6 +334,16 @@ def test_kserve_stream_counts_one_token_per_response(server):
     assert bad.summary.failed == 3 and set(bad.summary.errors) == {"INFER_ERROR"}
 
 
+def test_repeated_prompts_from_the_prefix_cache_are_reported(server):
+    cfg = BenchConfig(f"127.0.0.1:{server.port}", input_len=40, output_len=3, concurrency=2, num_requests=4,
+                      warmup_requests=0, seed=random.randrange(1 << 30))
+    first, again = run_bench(cfg).summary, run_bench(cfg).summary
+    assert first.cached_prompt_tokens == 0 and not any("prefix cache" in n for n in first.notes)
+    assert again.cached_prompt_tokens == 4 * 32 and any("prefix cache" in n for n in again.notes)
+    points = sweep_configs(cfg, "concurrency", [1, 2])
+    assert points[0].seed != points[1].seed
+
+
 def test_unary_generate_has_no_per_token_figures(server):
     res = run_bench(BenchConfig(f"127.0.0.1:{server.port}", input_len=9, output_len=5, concurrency=2, num_requests=4,
                                 warmup_requests=0, stream=False))

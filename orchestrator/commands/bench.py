@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 
 HELP = """\
@@ -83,7 +84,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="orch only: use unary Generate (TTFT = E2E, no TPOT/ITL)")
     g.add_argument("--tokenizer", metavar="PATH", help="kserve: tokenizer.json (or its directory) to make text "
                    "prompts of exactly --input-len tokens")
-    g.add_argument("--seed", type=int, default=0, help="seed of lengths, prompts and arrivals (default 0)")
+    g.add_argument("--seed", type=int, default=None, help="seed of lengths, prompts and arrivals (default: a fresh "
+                   "one each run, shown in the report, so that prompts never hit the server's prefix cache)")
     g = p.add_argument_group("load")
     g.add_argument("--concurrency", "-c", type=int, default=None, metavar="N",
                    help="requests in flight (default 1; with --request-rate: a cap, default none)")
@@ -122,7 +124,8 @@ def config_from_args(args: argparse.Namespace, **override):
         output_len=args.output_len, input_len_dist=args.input_len_dist, output_len_dist=args.output_len_dist,
         len_spread=args.len_spread, concurrency=conc, request_rate=args.request_rate,
         num_requests=args.num_requests, duration_s=args.duration, warmup_requests=args.warmup,
-        ignore_eos=args.ignore_eos, stream=args.stream, seed=args.seed, timeout_s=args.timeout,
+        ignore_eos=args.ignore_eos, stream=args.stream,
+        seed=args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31), timeout_s=args.timeout,
         channels=args.channels, tokenizer=args.tokenizer, wait_ready_s=args.wait_ready, processes=args.processes,
     ), **override).validate()
 
@@ -191,6 +194,9 @@ def _summary_table(s):
     if s.server_count_mismatches:
         t.add_row("token counts unlike server's usage", str(s.server_count_mismatches))
     t.add_row("max in flight", str(s.max_in_flight))
+    if s.cached_prompt_tokens:
+        t.add_row("prompt tokens from the prefix cache", str(s.cached_prompt_tokens))
+    t.add_row("seed", str(s.seed))
     t.add_row("client CPU busy (busiest process)", _fmt(s.client_cpu_busy * 100, "{:.0f}%"))
     for name in ("ttft", "tpot", "itl", "e2e"):
         d = getattr(s, f"{name}_ms")
