@@ -631,6 +631,9 @@ def test_notes_tell_how_to_generate(helm):
     assert "orch generate --endpoint $ENDPOINT --prompt" in notes
     assert "port-forward svc/llm-orch 50051:50051" in notes
     assert "llm-orch.serving.svc.cluster.local:50051" in notes
+    assert "WARNING: modelStorage.existingClaim is empty" in notes and "(/models/llama-3.1-8b)" in notes
+    mounted = helm_run(helm, "install", "llm", str(CHART), "--dry-run=client", "--set", "modelStorage.existingClaim=c")
+    assert mounted.returncode == 0 and "WARNING" not in mounted.stdout.split("NOTES:", 1)[1]
 
 
 # ------------------------------------------------------------------------------------ Dockerfile
