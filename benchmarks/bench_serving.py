@@ -9,6 +9,8 @@ overhead ratio (goal >= 0.95).
     # everything: (generate an 8B-shape random bf16 checkpoint,) convert, engine baseline, serve, bench
     python benchmarks/bench_serving.py run --generate-8b --name serving-8b-h100
     python benchmarks/bench_serving.py run --model ../models/llama-3.1-8b --name serving-8b-h100
+    # the grid in parts (shorter commands), all into one results file
+    python benchmarks/bench_serving.py run --generate-8b --name serving-8b-h100 --grid 2048/128 --merge
     # a server that is already up (e.g. `orch apply configs/single-gpu.yaml`), with an earlier baseline
     python benchmarks/bench_serving.py engine --shards DIR --name serving-8b-h100-engine
     python benchmarks/bench_serving.py client --endpoint localhost:50051 --name serving-8b-h100 \\
@@ -226,8 +228,12 @@ def add_ratios(metrics: dict[str, float]) -> None:
 
 
 def write_results(args: argparse.Namespace, device: str, metrics: dict[str, float]) -> Path:
+    """Write <results-dir>/<name>.json (with --merge, on top of the metrics already there)."""
     out = Path(args.results_dir) / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.is_file():
+        metrics = {**json.loads(out.read_text())["metrics"], **metrics}
+    metrics = dict(sorted(metrics.items()))
     doc = {"name": args.name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": device, "command": shlex.join([sys.executable, *sys.argv]), "metrics": metrics}
     out.write_text(json.dumps(doc, indent=1) + "\n")
@@ -274,6 +280,8 @@ def main() -> None:
         p.add_argument("--warmup", type=int, default=16, help="warm-up requests per point (at least c; default 16)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--results-dir", default=str(RESULTS))
+        p.add_argument("--merge", action="store_true", help="keep the metrics already in the results file "
+                       "(run the grid in parts, e.g. one ISL/OSL per command)")
         if mode == "client":
             p.add_argument("--endpoint", required=True, help="HOST:PORT of a running orch server")
             p.add_argument("--engine-results", help="JSON written by the `engine` mode, for the ratios")
@@ -328,7 +336,7 @@ def main() -> None:
         stop_server(proc)
     metrics.update(engine["metrics"])
     add_ratios(metrics)
-    write_results(args, engine["device"], dict(sorted(metrics.items())))
+    write_results(args, engine["device"], metrics)
 
 
 def _without_source(argv: list[str]) -> list[str]:
