@@ -16,6 +16,20 @@ import ray
 log = logging.getLogger(__name__)
 
 
+def _bind_collectives_to(ip: str) -> None:
+    """Make gloo/NCCL use the interface that carries this node's Ray address (unless the user chose):
+    on multi-NIC hosts the hostname may resolve to loopback or to another network."""
+    import os
+
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+            return
+
+
 @ray.remote
 class RankActor:
     def __init__(self) -> None:
@@ -36,6 +50,7 @@ class RankActor:
         from workers.engine import run_rank
 
         self.rank = rank
+        _bind_collectives_to(ray.util.get_node_ip_address())
         kv = dict(num_kv_blocks=serve["num_kv_blocks"], block_size=serve["block_size"])
         if rank != 0:
             loaded = threading.Event()

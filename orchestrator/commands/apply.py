@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.errors import RuntimeFailure
 
@@ -49,7 +50,7 @@ def apply_file(path: str, address: str | None, console: Console) -> dict:
             seen += 1
             if ev["deployment"] == spec.name:
                 style = "red" if ev.get("level") == "error" else "cyan"
-                console.print(f"  [{style}]{ev['phase']:>10}[/] {ev['msg']}")
+                console.print(f"  [{style}]{ev['phase']:>10}[/] {escape(ev['msg'])}")
         if done:
             break
     result = ray.get(ref)
