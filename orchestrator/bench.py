@@ -98,6 +98,8 @@ class BenchConfig:
             raise bad("--processes", self.processes, "an integer >= 1")
         if self.channels is not None and self.channels < 1:
             raise bad("--channels", self.channels, "an integer >= 1")
+        if self.tokenizer and not (Path(self.tokenizer).is_file() or (Path(self.tokenizer) / "tokenizer.json").is_file()):
+            raise bad("--tokenizer", self.tokenizer, "a tokenizer.json file or a directory holding one")
         return self
 
     def total_requests(self) -> int | None:
@@ -326,10 +328,7 @@ def _load_tokenizer(path: str | None):
     from tokenizers import Tokenizer
 
     p = Path(path)
-    f = p / "tokenizer.json" if p.is_dir() else p
-    if not f.is_file():
-        raise BenchConfigError(f"--tokenizer={path!r}: expected a tokenizer.json file or a directory holding one")
-    return Tokenizer.from_file(str(f))
+    return Tokenizer.from_file(str(p / "tokenizer.json" if p.is_dir() else p))
 
 
 FALLBACK_VOCAB = 256  # prompt ids stay below this when the server's vocab size is unknown

@@ -181,7 +181,7 @@ def test_config_validation_names_the_flag():
                      ({"concurrency": 0}, "--concurrency"), ({"request_rate": -1.0}, "--request-rate"),
                      ({"input_len_dist": "zipf"}, "--input-len-dist"), ({"len_spread": 1.5}, "--len-spread"),
                      ({"protocol": "kserve", "stream": False}, "--no-stream"),
-                     ({"concurrency": None}, "--concurrency")]:
+                     ({"concurrency": None}, "--concurrency"), ({"tokenizer": "/nonexistent"}, "--tokenizer")]:
         with pytest.raises(BenchConfigError, match=flag):
             BenchConfig(**{"endpoint": "h:1", **kw}).validate()
 
