@@ -98,7 +98,8 @@ class BenchConfig:
             raise bad("--processes", self.processes, "an integer >= 1")
         if self.channels is not None and self.channels < 1:
             raise bad("--channels", self.channels, "an integer >= 1")
-        if self.tokenizer and not (Path(self.tokenizer).is_file() or (Path(self.tokenizer) / "tokenizer.json").is_file()):
+        tok = Path(self.tokenizer or ".")
+        if self.tokenizer and not (tok.is_file() or (tok / "tokenizer.json").is_file()):
             raise bad("--tokenizer", self.tokenizer, "a tokenizer.json file or a directory holding one")
         return self
 

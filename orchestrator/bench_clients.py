@@ -125,9 +125,9 @@ class KServeProtocol(_Channels):
     """KServe v2 GRPCInferenceService, Triton TensorRT-LLM tensor names, timed over ModelStreamInfer.
 
     Inputs text_input (BYTES), max_tokens (INT32), stream (BOOL) and, for ignore_eos, min_length or
-    min_tokens (INT32) = max_tokens, or else ignore_eos (BOOL), when the model lists one; output text_output (BYTES). Each
-    streamed response carrying text_output counts as one output token (Triton's decoupled streaming
-    sends one response per token).
+    min_tokens (INT32) = max_tokens, or else ignore_eos (BOOL), when the model lists one; output
+    text_output (BYTES). Each streamed response carrying text_output counts as one output token
+    (Triton's decoupled streaming sends one response per token).
     """
 
     name = "kserve"
