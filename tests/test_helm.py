@@ -412,6 +412,91 @@ def test_controller_maps_each_topology_node_to_its_own_pod(helm):
         match_nodes(topo, [n for n in nodes if n["group"] != gone], "cuda")
 
 
+def _ray_start(params: dict, *extra: str) -> subprocess.Popen:
+    """`ray start --block` built from rayStartParams the way KubeRay builds it: `--key=value` pasted
+    into a shell command line, run in its own process group."""
+    flags = " ".join(f"--{k}={v}" for k, v in sorted(params.items()))
+    return subprocess.Popen(["bash", "-c", f"exec ray start --block {flags} {' '.join(extra)}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _retry_connect(cmd: list[str], env: dict, attempts: int = 3) -> subprocess.CompletedProcess:
+    """Run an orch command over Ray Client; a failed connection is retried, as the Job's backoffLimit
+    retries its pod (on a busy machine Ray Client's per-client server sometimes fails to start)."""
+    for _ in range(attempts):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if proc.returncode == 0 or "cannot connect to the Ray cluster" not in proc.stderr:
+            break
+    return proc
+
+
+@pytest.mark.slow  # a Ray head and a worker, then convert + serve of a tiny model on CPU (about a minute)
+def test_rendered_chart_deploys_with_real_orch_over_ray_client(helm, tmp_path):
+    """What the chart wires together, run for real on this machine: a Ray head and one worker started
+    from the rendered rayStartParams, the rendered topology, the Job's `orch apply` command over Ray
+    Client, the probe's grpc.health.v1 check on the serve port, and `orch generate` from NOTES."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from workers.models.tiny import write_random_checkpoint
+
+    model = write_random_checkpoint(tmp_path / "model", seed=random.randrange(1 << 16))
+    grpc_port, metrics_port, gcs, client = (_free_port() for _ in range(4))
+    topo = {"name": "helm-e2e", "model": {"path": str(model), "dtype": "float32"}, "device": "cpu",
+            "nodes": [{"name": "worker-a", "gpus": 0, "memory_gb": 8}],
+            "serve": {"max_num_seqs": 4, "max_seq_len": 128, "max_num_batched_tokens": 64}}
+    docs = render(helm, values={"topology": topo, "artifacts": {"mountPath": str(tmp_path / "artifacts")},
+                                "service": {"grpcPort": grpc_port, "metricsPort": metrics_port}}, tmp_path=tmp_path)
+    (tmp_path / "etc").mkdir()
+    topo_file = tmp_path / "etc" / "topology.yaml"
+    topo_file.write_text(topology_of(docs))
+    rc = one(docs, "RayCluster")["spec"]
+    cmd = container(one(docs, "Job")["spec"]["template"])["command"]
+    cmd = [sys.executable, "-m", "orchestrator", *cmd[1:]]
+    cmd[cmd.index("/etc/orch/topology.yaml")] = str(topo_file)
+    cmd[cmd.index("ray://llm-orch-head-svc:10001")] = f"ray://127.0.0.1:{client}"
+    env = dict(os.environ, ORCH_HOME=str(tmp_path / "home"))
+    env.pop("RAY_ADDRESS", None)
+
+    procs = [_ray_start(rc["headGroupSpec"]["rayStartParams"], "--head", f"--port={gcs}", "--num-cpus=1",
+                        f"--ray-client-server-port={client}", "--node-ip-address=127.0.0.1",
+                        "--include-dashboard=false", "--disable-usage-stats")]
+    try:
+        worker = groups(docs)["worker-a"]["rayStartParams"]
+        procs.append(_ray_start(worker, f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                                "--disable-usage-stats"))
+        applied = _retry_connect(cmd, env)
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        assert applied.stdout.strip().splitlines()[-1].endswith(f":{grpc_port}"), applied.stdout
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:  # what the kubelet's gRPC probe asks
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        gen = subprocess.run([sys.executable, "-m", "orchestrator", "generate", "--endpoint", f"127.0.0.1:{grpc_port}",
+                              "--prompt", "hello", "--max-tokens", "4"], capture_output=True, text=True, timeout=120)
+        assert gen.returncode == 0 and gen.stdout.strip(), gen.stdout + gen.stderr
+        status = _retry_connect(cmd[:3] + ["status", "--json", "--address", f"ray://127.0.0.1:{client}"], env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        ranks = json.loads(status.stdout)["helm-e2e"]["ranks"]
+        assert [r["node"] for r in ranks] == ["worker-a"], ranks  # pinned by its orch-node resource
+        deleted = _retry_connect(cmd[:3] + ["delete", str(topo_file), "--address", f"ray://127.0.0.1:{client}"], env)
+        assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+
+
 def test_topology_from_set_file_matches_inline(helm, tmp_path):
     topo = random_topology(random.Random(), 2)
     f = tmp_path / "cluster.yaml"
