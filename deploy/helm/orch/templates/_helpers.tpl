@@ -344,6 +344,13 @@ spec:
     {{- end }}
 {{- end -}}
 
+{{/* A rayStartParams map: KubeRay wants every value a string. */}}
+{{- define "orch.rayStartParams" -}}
+{{- $out := dict -}}
+{{- range $k, $v := . }}{{ $_ := set $out $k (toString $v) }}{{ end -}}
+{{- toYaml $out -}}
+{{- end -}}
+
 {{/*
 rayStartParams `resources`: the JSON object in single quotes. KubeRay pastes the value into the shell
 command `ray start --resources=...`, and both KubeRay (trimming the quotes) and Ray's autoscaler
