@@ -84,15 +84,6 @@ def render(helm: str, *, values: dict | None = None, sets: list[str] | None = No
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
-def render_error(helm: str, **kw) -> str:
-    """stderr of a `helm template` that must fail."""
-    files = kw.get("files")
-    args = ["template", "llm", str(CHART), *_values_args(kw.get("values"), kw.get("sets"), files, kw.get("tmp_path"))]
-    proc = helm_run(helm, *args)
-    assert proc.returncode != 0, f"helm template succeeded but should have failed: {args}"
-    return proc.stderr
-
-
 def one(docs: list[dict], kind: str) -> dict:
     found = [d for d in docs if d["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, got {len(found)}"
