@@ -245,6 +245,8 @@ def _find_stop_string(text: str, stops: list[str], sent: int) -> tuple[int, str]
 
 def _held_back(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of text that could start a stop string (not sent yet)."""
+    if not stops:
+        return 0
     for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
         tail = text[-k:]
         if any(s.startswith(tail) for s in stops):
