@@ -91,6 +91,7 @@ class EngineLoop:
         self._seen_queried = self._seen_hits = 0
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stop = False
+        self.flush_hooks: list[Callable[[], None]] = []  # called after each round of sink calls
 
     # --- called from any thread ---
     def start(self) -> None:
@@ -153,9 +154,16 @@ class EngineLoop:
                 log.exception("engine step failed")
                 self.healthy = False
                 self._fail_all(e)
+                self._flush()
                 continue
             self._deliver(outs)
+            self._flush()
         self._fail_all(RequestError("UNAVAILABLE", "server is shutting down"))
+        self._flush()
+
+    def _flush(self) -> None:
+        for hook in self.flush_hooks:
+            hook()
 
     def _fail_all(self, err: BaseException) -> None:
         for seq_id in list(self.scheduler.seqs):
@@ -209,6 +217,32 @@ class EngineLoop:
         return self._arrivals.get(o.seq_id, time.monotonic())
 
 
+class _AioDispatch:
+    """Hands engine-thread outputs to asyncio queues of one event loop, one wake-up per engine step."""
+
+    def __init__(self, aio_loop: asyncio.AbstractEventLoop) -> None:
+        self.aio_loop = aio_loop
+        self._pending: list[tuple[asyncio.Queue, object]] = []  # filled by the engine thread only
+
+    def sink(self, q: asyncio.Queue) -> Sink:
+        return lambda item: self._pending.append((q, item))
+
+    def flush(self) -> None:
+        """Engine thread, after each step: deliver what the step produced."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            self.aio_loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # event loop already closed
+            pass
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
+
+
 class Serving:
     """Validates requests and streams their outputs to asyncio code (one per server)."""
 
@@ -217,6 +251,7 @@ class Serving:
         self.loop = loop
         self.tokenizer = tokenizer
         self.metrics = loop.metrics
+        self._dispatch: dict[asyncio.AbstractEventLoop, _AioDispatch] = {}
 
     # --- validation ---
     def check_model(self, name: str) -> None:
@@ -273,16 +308,8 @@ class Serving:
     async def stream(self, req: GenerationRequest) -> AsyncIterator[list[SeqOutput]]:
         """The request's outputs as the engine produces them, in lists of everything new since the last
         yield (one output per list unless the reader falls behind); leaving early cancels the request."""
-        aio_loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-
-        def sink(item) -> None:
-            try:
-                aio_loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # event loop already closed
-                pass
-
-        seq_id = self.loop.submit(req, sink)
+        seq_id = self.loop.submit(req, self._dispatch_for(asyncio.get_running_loop()).sink(q))
         done = False
         try:
             while not done:
@@ -301,6 +328,13 @@ class Serving:
         finally:
             if not done:
                 self.loop.abort(seq_id)
+
+    def _dispatch_for(self, aio_loop: asyncio.AbstractEventLoop) -> "_AioDispatch":
+        d = self._dispatch.get(aio_loop)
+        if d is None:
+            d = self._dispatch[aio_loop] = _AioDispatch(aio_loop)
+            self.loop.flush_hooks.append(d.flush)
+        return d
 
     async def collect(self, req: GenerationRequest) -> list[SeqOutput]:
         """All outputs of a request, once it has finished."""
