@@ -240,3 +240,45 @@ def test_orch_serve_with_tp2_ranks_and_orch_generate(shards, stub):
         proc.send_signal(signal.SIGTERM)
         log, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, log
+
+
+def test_an_engine_failure_fails_requests_and_health_but_not_the_server(shards):
+    """A step that raises fails the running requests with INTERNAL and marks health NOT_SERVING;
+    the server keeps answering."""
+    from workers.engine import Engine
+
+    class Breakable:
+        """The real engine, with a switch that makes its next step raise."""
+
+        def __init__(self, engine):
+            self.engine, self.broken = engine, False
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def step(self, step):
+            if self.broken:
+                raise RuntimeError("rank 1 went away")
+            return self.engine.step(step)
+
+    eng = Breakable(Engine(shards / "tp1-pp1", num_kv_blocks=32, block_size=16))
+    srv = start_server(shards, engine=eng, num_kv_blocks=32)
+    try:
+        ch = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+        st, h = orch_pb2_grpc.OrchServiceStub(ch), health_pb2_grpc.HealthStub(ch)
+        assert len(st.Generate(greedy([5, 6], 3)).token_ids) == 3
+        eng.broken = True
+        with pytest.raises(grpc.RpcError) as e:
+            st.Generate(greedy([5, 6], 3))
+        assert e.value.code() == grpc.StatusCode.INTERNAL and "rank 1 went away" in e.value.details()
+        end = time.monotonic() + 5
+        while h.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < end
+            time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as e:
+            st.Generate(greedy([5, 6], 3))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert st.ModelInfo(orch_pb2.ModelInfoRequest()).vocab_size == VOCAB
+        ch.close()
+    finally:
+        srv.stop()
