@@ -110,6 +110,13 @@ def _scalar(inputs: dict[str, list], name: str, default: Any) -> Any:
 
 def params_from_inputs(inputs: dict[str, list]) -> tuple[SamplingParams, bool, bool]:
     """(sampling params, stream?, exclude input from a non-streamed output?) of TensorRT-LLM style inputs."""
+    try:
+        return _params_from_inputs(inputs)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise RequestError("INVALID_ARGUMENT", f"bad sampling input: {e}") from None
+
+
+def _params_from_inputs(inputs: dict[str, list]) -> tuple[SamplingParams, bool, bool]:
     temperature = float(_scalar(inputs, "temperature", 0.0))
     top_p = float(_scalar(inputs, "top_p", 0.0))
     max_tokens = int(_scalar(inputs, "max_tokens", 16))
@@ -174,16 +181,20 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- inference ---
     def _prepare(self, request) -> tuple[GenerationRequest, bool, str]:
         """(request, stream?, text to put before the output)."""
-        self.serving.check_model(request.model_name)
-        for o in request.outputs:
-            if o.name not in {n for n, _, _ in OUTPUTS}:
-                raise RequestError("INVALID_ARGUMENT", f"unknown output {o.name!r}; orch returns text_output")
-        inputs = read_inputs(request)
-        texts = inputs.get("text_input")
-        if not texts or len(texts) != 1:
-            raise RequestError("INVALID_ARGUMENT", "input 'text_input' (BYTES, one element) is required")
+        try:
+            self.serving.check_model(request.model_name)
+            for o in request.outputs:
+                if o.name not in {n for n, _, _ in OUTPUTS}:
+                    raise RequestError("INVALID_ARGUMENT", f"unknown output {o.name!r}; orch returns text_output")
+            inputs = read_inputs(request)
+            texts = inputs.get("text_input")
+            if not texts or len(texts) != 1:
+                raise RequestError("INVALID_ARGUMENT", "input 'text_input' (BYTES, one element) is required")
+            params, stream, exclude = params_from_inputs(inputs)
+        except RequestError:
+            self.serving.metrics.requests.labels("rejected").inc()
+            raise
         prompt = texts[0].decode("utf-8", "replace")
-        params, stream, exclude = params_from_inputs(inputs)
         req = self.serving.prepare(model=request.model_name, prompt=prompt, params=params,
                                    request_id=request.id or "")
         return req, stream, "" if (stream or exclude) else prompt
