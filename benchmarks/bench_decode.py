@@ -166,24 +166,49 @@ def decode_step_bytes(engine, ctx: int) -> int:
     return w + kv
 
 
+def replay_ms(engine, batch: int, reps: int = 20) -> float | None:
+    """Median device time of one replay of the decode graph that served `batch` (last step's inputs)."""
+    graphs = engine.decode_graphs
+    if graphs is None:
+        return None
+    bucket = next((x for x in graphs.buckets if x >= batch), None)
+    if bucket not in graphs.graphs:
+        return None
+    g = graphs.graphs[bucket][0]
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
+
+
+def profile_step(engine, batch: int, path: Path) -> None:
+    """Per-kernel device times of one eager decode step (the last step's inputs), written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = engine.decode_graphs
+    bucket = next((x for x in graphs.buckets if x >= batch), None)
+    graphs._forward(bucket)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graphs._forward(bucket)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    path.write_text(table)
+    log.info("profile of a batch-%d decode step:\n%s", batch, table)
+
+
 def bench_bs1(engine, copy_gbs: float, isl: int = 128, steps: int = 512) -> dict:
     """Batch-1 decode tokens/s (wall clock through engine.step) and the roofline ratio."""
     r = run_workload(engine, 1, isl, steps + 1, budget_s=120)
     tok_s = r["decode_steps"] / r["decode_s"]
     bytes_step = decode_step_bytes(engine, isl + r["decode_steps"] // 2)
     roof = copy_gbs * 1e9 / bytes_step
-    graph_ms = None
-    if engine.decode_graphs is not None and 1 in engine.decode_graphs.graphs:
-        g = engine.decode_graphs.graphs[1][0]
-        times = []
-        for _ in range(50):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            g.replay()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        graph_ms = sorted(times)[len(times) // 2]
+    graph_ms = replay_ms(engine, 1, reps=50)
     return {"decode_bs1_tok_s": round(tok_s, 2), "decode_bs1_roofline_tok_s": round(roof, 2),
             "decode_bs1_roofline_ratio": round(tok_s / roof, 4), "decode_bs1_step_bytes": bytes_step,
             "decode_bs1_graph_replay_ms": None if graph_ms is None else round(graph_ms, 4),
@@ -203,6 +228,10 @@ def bench_throughput(engine, workloads, batches, budget_s: float) -> tuple[dict,
             metrics[key + "_tok_s"] = round(tput, 1)
             metrics[key + "_decode_tok_s"] = round(b * r["decode_steps"] / r["decode_s"], 1)
             metrics[key + "_prefill_s"] = round(r["prefill_s"], 3)
+            metrics[key + "_decode_step_wall_ms"] = round(1e3 * r["decode_s"] / max(1, r["decode_steps"]), 3)
+            graph_ms = replay_ms(engine, b)
+            if graph_ms is not None:
+                metrics[key + "_decode_step_graph_ms"] = round(graph_ms, 3)
             if b != want:
                 notes.append(f"{key}: batch {want} does not fit the KV cache ({engine.num_kv_blocks} blocks of "
                              f"{BLOCK_SIZE}); ran batch {b}")
@@ -291,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     if "bs1" in sections:
         metrics.update(bench_bs1(engine, metrics["copy_bandwidth_gb_s"]))
         log.info("batch 1: %s", {k: v for k, v in metrics.items() if k.startswith("decode_bs1")})
+    if "profile" in sections:
+        for b in (1, 64):
+            run_workload(engine, b, 128, 4, budget_s=10)
+            profile_step(engine, b, Path(args.out).parent / f"profile_bs{b}.txt")
     if "throughput" in sections:
         wl = [tuple(int(v) for v in s.split("/")) for s in args.workloads.split(",") if s]
         m, n = bench_throughput(engine, wl, [int(b) for b in args.batches.split(",")], args.budget_s)

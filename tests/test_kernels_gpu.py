@@ -160,13 +160,14 @@ def test_paged_decode_attention_is_deterministic():
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (7, 24), (1027, 14336), (6144, 4096)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv(dtype, M, N, K, bias):
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_gemv(dtype, M, N, K, bias, rows):
     x = rnd(M, K, dtype=dtype)
     w = rnd(N, K, dtype=dtype, scale=K ** -0.5)
     b = rnd(N, dtype=dtype) if bias else None
     assert gemv_supported(x, w)
     poison()
-    y = gemv(x, w, b)
+    y = gemv(x, w, b, rows=rows)
     assert y.shape == (M, N)
     assert rel_err(y, ref.gemv(x.double(), w.double(), None if b is None else b.double())) < TOL[dtype]
 

@@ -93,7 +93,8 @@ def kernel_specs(model_config: dict, tp: int, dtype: str) -> list[Any]:
     cfg = ModelConfig.from_dict(model_config)
     dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     q, kv = local_heads(cfg, tp, 0)
-    specs = [spec("rms_norm", dt), spec("silu_mul", dt), spec("rope_cache", dt), spec("gemv", dt)]
+    specs = [spec("rms_norm", dt), spec("silu_mul", dt), spec("rope_cache", dt),
+             *(spec("gemv", dt, ROWS=r) for r in (1, 2, 4))]
     if cfg.head_dim % 8 == 0:
         specs.append(spec("paged_attention", dt, HD=cfg.head_dim, GROUP=len(q) // len(kv)))
     return specs

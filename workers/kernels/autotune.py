@@ -16,18 +16,26 @@ log = logging.getLogger(__name__)
 L2_ROTATE_BYTES = 256 * 1024 * 1024   # weights rotated through so timings do not run out of L2
 
 
-def time_ms(fn: Callable[[int], Any], n_inputs: int, reps: int = 10, warmup: int = 3) -> float:
-    """Median device time of fn(i) in ms (CUDA events), i cycling over n_inputs input sets."""
+def time_ms(fn: Callable[[int], Any], n_inputs: int, reps: int = 20, warmup: int = 3) -> float:
+    """Device time of one fn(i) call in ms: `reps` calls (i cycling over n_inputs input sets) captured
+    in a CUDA graph, so host launch overhead stays out, as it does in the decode graphs; median of 5."""
     for i in range(warmup):
         fn(i % n_inputs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(i % n_inputs)
+    graph.replay()
     times = []
-    for i in range(reps):
+    for _ in range(5):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn(i % n_inputs)
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / reps)
+    del graph
     return sorted(times)[len(times) // 2]
 
 
@@ -44,26 +52,31 @@ def linear_shapes(model_config: dict, tp: int, tp_rank: int = 0) -> dict[str, tu
             "down": (H, inter), "lm_head": (padded_vocab(cfg, tp) // tp, H)}
 
 
-def tune_gemv(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, max_m: int = _gemv.MAX_M) -> dict[str, int]:
-    """"NxK" -> largest M up to which gemv is at least as fast as cuBLAS (0: never)."""
-    out = {}
+def tune_gemv(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
+              max_m: int = _gemv.MAX_M) -> tuple[dict[str, int], dict[str, int]]:
+    """Per "NxK": (largest M up to which gemv beats cuBLAS, 0: never; gemv's best rows per warp)."""
+    limits, rows = {}, {}
     if dtype not in (torch.float16, torch.bfloat16):
-        return {f"{n}x{k}": 0 for n, k in shapes.values()}
+        return {f"{n}x{k}": 0 for n, k in shapes.values()}, {}
     for name, (n, k) in shapes.items():
-        copies = max(1, min(8, L2_ROTATE_BYTES // (n * k * 2)))
+        key = f"{n}x{k}"
+        copies = max(2, min(8, L2_ROTATE_BYTES // (n * k * 2)))
         ws = [torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5 for _ in range(copies)]
+        x1 = torch.randn(1, k, device="cuda", dtype=dtype)
+        per_rows = {r: time_ms(lambda i, r=r: _gemv.gemv(x1, ws[i], rows=r), copies) for r in _gemv.ROW_CHOICES}
+        rows[key] = min(per_rows, key=per_rows.get)
         best = 0
         for m in range(1, max_m + 1):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            ours = time_ms(lambda i: _gemv.gemv(x, ws[i]), copies)
+            ours = time_ms(lambda i: _gemv.gemv(x, ws[i], rows=rows[key]), copies)
             theirs = time_ms(lambda i: F.linear(x, ws[i]), copies)
             log.debug("gemv %s M=%d: %.4f ms vs cuBLAS %.4f ms", name, m, ours, theirs)
             if ours > theirs:
                 break
             best = m
-        out[f"{n}x{k}"] = best
+        limits[key] = best
         del ws
-    return out
+    return limits, rows
 
 
 def tune_attention(nh: int, nkv: int, hd: int, dtype: torch.dtype, batches: tuple[int, ...],
@@ -75,17 +88,20 @@ def tune_attention(nh: int, nkv: int, hd: int, dtype: torch.dtype, batches: tupl
     kc = torch.randn(shape, device="cuda", dtype=dtype)
     vc = torch.randn(shape, device="cuda", dtype=dtype)
     perm = torch.randperm(bmax * blocks_per_seq, device="cuda", dtype=torch.int64).to(torch.int32)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     out = {}
     for b in batches:
         q = torch.randn(b, nh, hd, device="cuda", dtype=dtype)
-        bt = perm[: b * blocks_per_seq].view(b, blocks_per_seq).contiguous()
+        n_sets = max(1, min(8, bmax // b))     # different sequences per call: the KV read misses L2
+        bts = [perm[j * b * blocks_per_seq:(j + 1) * b * blocks_per_seq].view(b, blocks_per_seq)
+               for j in range(n_sets)]
         cl = torch.full((b,), context, device="cuda", dtype=torch.int32)
         timings = {}
         for ns in (1, 2, 4, 8, 16, 32, 64):
-            if ns > 1 and b * nkv * ns > 16 * 132:
+            if ns > 1 and b * nkv * ns > 16 * sms:
                 break
-            timings[ns] = time_ms(lambda i: _attn.paged_decode_attention(q, kc, vc, bt, cl, hd ** -0.5,
-                                                                         num_splits=ns), 1)
+            timings[ns] = time_ms(lambda i, ns=ns: _attn.paged_decode_attention(
+                q, kc, vc, bts[i], cl, hd ** -0.5, num_splits=ns), n_sets, reps=8)
         out[b] = min(timings, key=timings.get)
         log.debug("attention batch %d: %s", b, timings)
     del kc, vc
@@ -102,8 +118,8 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[shard_manifest["dtype"]]
     q, kv = local_heads(cfg, shard_manifest["tp_size"], shard_manifest["tp_rank"])
     t = Tuning()
-    t.gemv_max_m = tune_gemv(linear_shapes(shard_manifest["model_config"], shard_manifest["tp_size"],
-                                           shard_manifest["tp_rank"]), dtype)
+    t.gemv_max_m, t.gemv_rows = tune_gemv(linear_shapes(shard_manifest["model_config"],
+                                                        shard_manifest["tp_size"], shard_manifest["tp_rank"]), dtype)
     probe_q = torch.empty(1, len(q), cfg.head_dim, dtype=dtype, device="cuda")
     probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
     if _attn.supported(probe_q, probe_k):

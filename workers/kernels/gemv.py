@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from workers.kernels import tuning
 from workers.kernels._nvrtc import aligned, function, i32, i64, launch, ptr, spec
 
 MAX_M = 8
 WARPS = 4
+ROW_CHOICES = (1, 2, 4)
 
 
 def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -16,13 +18,16 @@ def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.is_contiguous() and x.dtype == w.dtype and aligned(x, w))
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x[M,K] @ w[N,K]^T (+ bias[N]) -> [M,N], for M <= MAX_M (check `supported` first)."""
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
+    """x[M,K] @ w[N,K]^T (+ bias[N]) -> [M,N], for M <= MAX_M (check `supported` first); `rows` output
+    rows per warp (default: the tuning table's)."""
     M, K = x.shape
     N = w.shape[0]
+    rows = rows or tuning.CURRENT.rows_for(N, K)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    fn = function(spec("gemv", x.dtype), f"gemv_m{M}")
-    launch(fn, ((N + WARPS - 1) // WARPS,), (WARPS * 32,),
+    fn = function(spec("gemv", x.dtype, ROWS=rows), f"gemv_m{M}")
+    per_block = WARPS * rows
+    launch(fn, ((N + per_block - 1) // per_block,), (WARPS * 32,),
            (ptr(x), i64(x.stride(0)), ptr(w), ptr(None if bias is None else bias.contiguous()), ptr(y),
             i32(N), i32(K)))
     return y

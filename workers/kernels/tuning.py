@@ -14,6 +14,8 @@ class Tuning:
     attention_min_split: int = 32                                     # fewest keys a split takes
     gemv_max_m: dict[str, int] = field(default_factory=dict)          # "NxK" -> largest M run by gemv
     default_gemv_max_m: int = 4
+    gemv_rows: dict[str, int] = field(default_factory=dict)           # "NxK" -> output rows per warp
+    default_gemv_rows: int = 2
 
     def splits_for(self, batch: int, nkv: int) -> int:
         """Splits of the decode attention for `batch` sequences (tuned, else enough blocks for 2 waves)."""
@@ -28,6 +30,10 @@ class Tuning:
         """Largest M for which an x[M,k] @ w[n,k]^T runs on gemv."""
         return self.gemv_max_m.get(f"{n}x{k}", self.default_gemv_max_m)
 
+    def rows_for(self, n: int, k: int) -> int:
+        """Output rows per warp of gemv for an [n,k] weight."""
+        return self.gemv_rows.get(f"{n}x{k}", self.default_gemv_rows)
+
     def to_dict(self) -> dict:
         """JSON-ready form (integer keys become strings)."""
         d = asdict(self)
@@ -40,7 +46,9 @@ class Tuning:
         return cls(attention_splits={int(k): int(v) for k, v in d.get("attention_splits", {}).items()},
                    attention_min_split=int(d.get("attention_min_split", 32)),
                    gemv_max_m={str(k): int(v) for k, v in d.get("gemv_max_m", {}).items()},
-                   default_gemv_max_m=int(d.get("default_gemv_max_m", 4)))
+                   default_gemv_max_m=int(d.get("default_gemv_max_m", 4)),
+                   gemv_rows={str(k): int(v) for k, v in d.get("gemv_rows", {}).items()},
+                   default_gemv_rows=int(d.get("default_gemv_rows", 2)))
 
 
 CURRENT = Tuning()
