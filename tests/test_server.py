@@ -282,3 +282,10 @@ def test_an_engine_failure_fails_requests_and_health_but_not_the_server(shards):
         ch.close()
     finally:
         srv.stop()
+
+
+def test_a_second_server_on_a_busy_port_fails_clearly(server, shards):
+    from orchestrator.errors import RuntimeFailure
+
+    with pytest.raises(RuntimeFailure, match=f"cannot listen on 127.0.0.1:{server.port}"):
+        start_server(shards, port=server.port, num_kv_blocks=8)

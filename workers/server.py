@@ -20,7 +20,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from orchestrator.errors import CheckpointError
+from orchestrator.errors import CheckpointError, RuntimeFailure
 from protos.kserve import grpc_predict_v2_pb2
 from protos.orch.v1 import orch_pb2, orch_pb2_grpc
 from workers.metrics import ServerMetrics
@@ -292,7 +292,8 @@ class Server:
 
         self.loop.start()
         opts = [("grpc.max_receive_message_length", self.cfg.max_message_bytes),
-                ("grpc.max_send_message_length", self.cfg.max_message_bytes)]
+                ("grpc.max_send_message_length", self.cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0)]  # a second server on a busy port fails instead of sharing it
         server = self._grpc = grpc.aio.server(options=opts)
         orch_pb2_grpc.add_OrchServiceServicer_to_server(OrchServicer(self.serving), server)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.serving), server)
@@ -301,12 +302,17 @@ class Server:
         reflection.enable_server_reflection(
             [ORCH_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server,
             pool=_reflection_pool())
-        self.port = server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
-        if not self.port:
-            raise CheckpointError(f"cannot listen on {self.cfg.host}:{self.cfg.port}")
-        await server.start()
-        if self.cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.cfg.metrics_port, self.cfg.host)
+        try:
+            self.port = server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+            if not self.port:
+                raise RuntimeError("bind failed")
+            await server.start()
+            if self.cfg.metrics_port is not None:
+                self.metrics_port = self.metrics.serve_http(self.cfg.metrics_port, self.cfg.host)
+        except (RuntimeError, OSError) as e:
+            await self.stop(grace=0)
+            where = f"{self.cfg.host}:{self.cfg.port}" if not self.port else f"metrics port {self.cfg.metrics_port}"
+            raise RuntimeFailure(f"cannot listen on {where} ({e}); is another server using it?") from None
         await self._set_health(True)
         self._watch = asyncio.create_task(self._watch_engine())
         log.info("serving %s on %s:%d (metrics: %s)", self.info.name, self.cfg.host, self.port,
@@ -332,7 +338,7 @@ class Server:
         """Stop taking requests, end streams, stop the engine thread and the other ranks."""
         if self._watch is not None:
             self._watch.cancel()
-        if self._health is not None:
+        if self._health is not None and self.port:
             await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(grace)
