@@ -216,9 +216,10 @@ def test_orch_serve_with_tp2_ranks_and_orch_generate(shards, stub):
     from workers.convert import convert_checkpoint
     from workers.server import free_port
 
-    convert_checkpoint(shards.parent / "model", shards, 2, 1)
+    tp2 = shards.parent / "shards-tp2"
+    convert_checkpoint(shards.parent / "model", tp2, 2, 1)
     port, mport = free_port(), free_port()
-    cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--shards", str(shards / "tp2-pp1"),
+    cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--shards", str(tp2),
            "--port", str(port), "--metrics-port", str(mport), "--num-kv-blocks", "32", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
