@@ -99,6 +99,7 @@ class Deployment:
     groups: list = field(default_factory=list)
     rank_dirs: dict[int, str] = field(default_factory=dict)   # global rank -> shard or engine dir
     rank_state: dict[int, str] = field(default_factory=dict)
+    rank_node: dict[int, str] = field(default_factory=dict)   # global rank -> Ray node id it runs on
 
 
 class PhaseError(Exception):
@@ -132,7 +133,8 @@ class Controller:
             for r in d.spec.ranks:
                 ranks.append({"rank": r.global_rank, "tp_rank": r.tp_rank, "pp_rank": r.pp_rank,
                               "node": r.node, "node_ip": r.node_ip,
-                              "state": d.rank_state.get(r.global_rank, "pending")})
+                              "state": d.rank_state.get(r.global_rank, "pending"),
+                              "running_on": d.rank_node.get(r.global_rank)})
             out[name] = {"phase": d.phase, "endpoint": d.endpoint, "metrics": d.metrics_endpoint,
                          "error": d.error, "device": d.spec.device, "tp": d.spec.tp, "pp": d.spec.pp,
                          "model": d.spec.model_dir, "serve_key": d.serve_key, "ranks": ranks,
@@ -280,7 +282,7 @@ class Controller:
         for pp_rank, ranks in sorted(stages.items()):
             bundles = []
             for r in ranks:
-                b = {f"node:{r.node_ip}": 0.001, **r.resources}
+                b = {r.pin: 0.001, **r.resources}
                 if s.device == "cuda":
                     b["GPU"] = 1
                 else:
@@ -314,6 +316,7 @@ class Controller:
             except Exception as e:  # noqa: BLE001
                 raise PhaseError("serve", _cause(e), node=r.node, rank=g) from None
             d.rank_state[g] = "serving"
+            d.rank_node[g] = info["node_id"]
             if g == 0:
                 d.endpoint, d.metrics_endpoint = info["endpoint"], info.get("metrics")
             self._event(s.name, "serve", f"rank {g} up on node {r.node}", rank=g)

@@ -15,6 +15,7 @@ class RankSpec:
     node_id: str       # Ray node id
     node_ip: str
     resources: dict[str, float] = field(default_factory=dict)  # extra per-rank Ray resources
+    pin: str = ""      # a Ray resource only this rank's node has (orch-node-<name>, else node:<ip>)
 
 
 @dataclass
@@ -81,7 +82,9 @@ def spec_from_topology(topo, plan, nodes: list[dict]) -> DeploymentSpec:
         per_rank = {}
         if spec_node is not None and spec_node.resources and spec_node.gpus:
             per_rank = {k: v / spec_node.gpus for k, v in spec_node.resources.items()}
-        ranks.append(RankSpec(r.global_rank, r.tp_rank, r.pp_rank, r.node, node["node_id"], node["ip"], per_rank))
+        pin = f"orch-node-{r.node}" if f"orch-node-{r.node}" in node["resources"] else f"node:{node['ip']}"
+        ranks.append(RankSpec(r.global_rank, r.tp_rank, r.pp_rank, r.node, node["node_id"], node["ip"], per_rank,
+                              pin))
     conv = mapping.get(plan.convert_node) or next(iter(mapping.values()))
     serve = topo.serve.model_dump(mode="json")
     serve.update(num_kv_blocks=plan.num_kv_blocks, block_size=plan.block_size, metrics_port=plan.metrics_port,

@@ -19,7 +19,9 @@ PROMPT = [11, 200, 7, 42, 301, 5, 77, 19, 64]
 
 
 def topology(model, artifacts, nodes, port) -> str:
-    head, a, b = nodes
+    # namespaced nodes are addressed by IP; loopback nodes (all 127.0.0.1) by their orch-node-<name> resource
+    head, a, b = (n if n.netns or n.name == "head" and n.ip != "127.0.0.1" else
+                  type(n)(n.name, f"orch-node-{n.name}", n.resources, n.netns, n.store) for n in nodes)
     return f"""\
 name: mn-test
 model:
@@ -58,7 +60,7 @@ serve:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multinode")
-    namespaces = netns_permitted()
+    namespaces = netns_permitted() and not os.environ.get("ORCH_TEST_NO_NETNS")
     if not namespaces:
         print("network namespaces not permitted here: separate ray nodes on loopback instead")
     c = NetnsCluster(tmp / "cluster", [("worker-a", {"fakegpu": 2}), ("worker-b", {"fakegpu": 2})],
@@ -86,11 +88,15 @@ def test_tp2_pp2_across_nodes_matches_single_process(cluster):
     st = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--json", "--address", c.address],
                         capture_output=True, text=True, env=env, timeout=120)
     ranks = json.loads(st.stdout)["mn-test"]["ranks"]
-    placed = {(r["tp_rank"], r["pp_rank"]): (r["node"], r["node_ip"]) for r in ranks}
-    a, b = c.nodes[1], c.nodes[2]
-    assert placed == {(0, 0): ("worker-a", a.ip), (1, 0): ("worker-a", a.ip),
-                      (0, 1): ("worker-b", b.ip), (1, 1): ("worker-b", b.ip)}
-    assert result["endpoint"].startswith(a.ip + ":")
+    placed = {(r["tp_rank"], r["pp_rank"]): r["node"] for r in ranks}
+    assert placed == {(0, 0): "worker-a", (1, 0): "worker-a", (0, 1): "worker-b", (1, 1): "worker-b"}
+    if c.namespaces:  # each node has its own address
+        a, b = c.nodes[1], c.nodes[2]
+        assert {r["rank"]: r["node_ip"] for r in ranks} == {0: a.ip, 1: a.ip, 2: b.ip, 3: b.ip}
+        assert result["endpoint"].startswith(a.ip + ":")
+    # where each rank actually runs: the Ray node carrying that node's orch-node-<name> resource
+    assert {r["rank"]: r["running_on"] for r in ranks} == {
+        0: c.node_ids["worker-a"], 1: c.node_ids["worker-a"], 2: c.node_ids["worker-b"], 3: c.node_ids["worker-b"]}
     with OrchClient(result["endpoint"], timeout=300) as client:
         served = client.generate(prompt_ids=PROMPT, max_tokens=16, ignore_eos=True).token_ids
     assert served == reference_tokens(model, tmp, PROMPT, 16)

@@ -68,7 +68,7 @@ class RankActor:
             loaded.wait()
             if self.error is not None:
                 raise self.error
-            return {"rank": rank}
+            return {"rank": rank, "node_id": ray.get_runtime_context().get_node_id()}
         engine = run_rank(rank_dir, 0, world_size, tp, pp, init_method, device=device, **kv)
         return self._start_front_end(engine, rank_dir, device, serve, tp, pp)
 
@@ -96,7 +96,8 @@ class RankActor:
             raise
         host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address()
         metrics = f"{host}:{self.server.metrics_port}" if self.server.metrics_port else None
-        return {"rank": 0, "endpoint": f"{host}:{self.server.port}", "metrics": metrics}
+        return {"rank": 0, "endpoint": f"{host}:{self.server.port}", "metrics": metrics,
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def health(self) -> bool:
         if self.rank == 0:
