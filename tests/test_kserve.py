@@ -106,19 +106,26 @@ def test_streaming_deltas_add_up_and_seeded_sampling_repeats(server, client):
         for rid, kw in (("greedy", {}), ("s1", dict(temperature=1.0, random_seed=7)),
                         ("s2", dict(temperature=1.0, random_seed=7))):
             client.async_stream_infer("ensemble", inputs(max_tokens=10, stream=True, **kw), request_id=rid)
-        parts: dict[str, list[str]] = {"greedy": [], "s1": [], "s2": []}
+        client.async_stream_infer("ensemble", inputs(max_tokens=10, stream=True), request_id="empty-final",
+                                  enable_empty_final_response=True)
+        parts: dict[str, list[str]] = {"greedy": [], "s1": [], "s2": [], "empty-final": []}
         finals = set()
-        while len(finals) < 3:
+        while len(finals) < 4:
             result, error = got.get(timeout=30)
             assert error is None
             resp = result.get_response()
-            parts[resp.id].append(result.as_numpy("text_output").reshape(-1)[0].decode())
+            out = result.as_numpy("text_output")
             if resp.parameters["triton_final_response"].bool_param:
                 finals.add(resp.id)
+                if resp.id == "empty-final":
+                    assert out is None  # the extra, empty last response
+                    continue
+            parts[resp.id].append(out.reshape(-1)[0].decode())
     finally:
         client.stop_stream()
     assert len(parts["greedy"]) == 10 and "".join(parts["greedy"]) == orch_text(server, 10)
     assert "".join(parts["s1"]) == "".join(parts["s2"])
+    assert parts["empty-final"] == parts["greedy"]
 
 
 def test_non_streamed_request_on_the_stream_and_errors(server, client):
