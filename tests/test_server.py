@@ -234,6 +234,10 @@ def test_orch_serve_with_tp2_ranks_and_orch_generate(shards, stub):
         assert out.returncode == 0, out.stderr
         got = json.loads(out.stdout)
         assert got["token_ids"] == want and got["finish_reason"] == "length" and got["completion_tokens"] == 10
+        streamed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--endpoint",
+                                   f"127.0.0.1:{port}", "--prompt", "The quick brown fox", "--max-tokens", "10",
+                                   "--ignore-eos", "--stream"], capture_output=True, text=True, timeout=60)
+        assert streamed.returncode == 0 and streamed.stdout == got["text"] + "\n"
         bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--endpoint", f"127.0.0.1:{port}",
                               "--prompt-ids", "1,2", "--top-p", "1.5"], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
