@@ -7,8 +7,8 @@ import logging
 HELP = """\
 Run one orch server on this machine (no Ray), for debugging and single-node use. Give either a
 topology FILE (its checkpoint is converted first if needed, and its serve section sets the
-defaults) or --shards DIR (a directory written by `orch convert`: the shard root, a tp{T}-pp{P}
-directory or a rank directory). With tensor/pipeline parallelism > 1 the other ranks start as
+defaults) or --shards DIR (a directory written by `orch convert` -- the shard root, a tp{T}-pp{P}
+directory or a rank directory -- or by `orch build`, whose engine directories load like shards). With tensor/pipeline parallelism > 1 the other ranks start as
 local processes. The server answers orch.v1.OrchService, KServe v2 inference.GRPCInferenceService,
 grpc.health.v1 and server reflection on HOST:PORT and serves Prometheus metrics on the metrics port.
 Stop it with Ctrl-C.
@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run one gRPC server on this machine (no Ray)", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", nargs="?", metavar="FILE", help="topology YAML file")
-    p.add_argument("--shards", metavar="DIR", help="converted shards to serve (instead of FILE)")
+    p.add_argument("--shards", metavar="DIR", help="converted shards or built engines to serve (instead of FILE)")
     p.add_argument("--model-name", metavar="NAME", help="served model name (default: the topology's name, or 'model')")
     p.add_argument("--host", help="address to listen on (default: serve.host, or 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default: serve.port, or 50051; 0 = any free port)")
