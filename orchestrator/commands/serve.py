@@ -7,11 +7,11 @@ import logging
 HELP = """\
 Run one orch server on this machine (no Ray), for debugging and single-node use. Give either a
 topology FILE (its checkpoint is converted first if needed, and its serve section sets the
-defaults) or --shards DIR (a directory written by `orch convert` -- the shard root, a tp{T}-pp{P}
-directory or a rank directory -- or by `orch build`, whose engine directories load like shards). With tensor/pipeline parallelism > 1 the other ranks start as
-local processes. The server answers orch.v1.OrchService, KServe v2 inference.GRPCInferenceService,
-grpc.health.v1 and server reflection on HOST:PORT and serves Prometheus metrics on the metrics port.
-Stop it with Ctrl-C.
+defaults) or --shards DIR: a directory written by `orch convert` (the shard root, a tp{T}-pp{P}
+directory or a rank directory) or by `orch build` (engine directories load like shards).
+With tensor/pipeline parallelism > 1 the other ranks start as local processes. The server
+answers orch.v1.OrchService, KServe v2 inference.GRPCInferenceService, grpc.health.v1 and server
+reflection on HOST:PORT and serves Prometheus metrics on the metrics port. Stop it with Ctrl-C.
 """
 
 
