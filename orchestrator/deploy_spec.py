@@ -95,3 +95,24 @@ def spec_from_topology(topo, plan, nodes: list[dict]) -> DeploymentSpec:
         quantization=topo.build.quantization, artifacts=str(topo.build.artifacts), serve=serve,
         convert_node=plan.convert_node, convert_node_id=conv["node_id"], ranks=ranks,
         plan_hash=plan.content_hash)
+
+
+def diff_specs(running: DeploymentSpec | None, new: DeploymentSpec) -> dict:
+    """What applying `new` over `running` changes: differing keys and the phases that would run."""
+    if running is None:
+        phases = ["convert"] + (["build"] if new.device == "cuda" else []) + ["serve"]
+        return {"running": False, "changed": ["(new deployment)"], "phases": phases}
+    old_d, new_d = running.to_dict(), new.to_dict()
+    changed = []
+    for key in new_d:
+        if key == "serve":
+            changed += [f"serve.{k}" for k in sorted(set(old_d[key]) | set(new_d[key]))
+                        if old_d[key].get(k) != new_d[key].get(k)]
+        elif old_d.get(key) != new_d[key] and key != "plan_hash":
+            changed.append(key)
+    phases = []
+    if running.build_key != new.build_key:
+        phases = ["convert"] + (["build"] if new.device == "cuda" else []) + ["serve"]
+    elif running.serve_key != new.serve_key:
+        phases = ["serve"]
+    return {"running": True, "changed": changed, "phases": phases}

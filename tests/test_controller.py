@@ -96,6 +96,11 @@ def test_status_json_shows_ranks_and_endpoint(deployment):
 
 def test_serve_change_restarts_serving_only_and_parallelism_change_reconverts(deployment):
     env, topology = deployment["env"], deployment["topology"]
+    assert "unchanged: the running deployment already matches" in orch(env, "plan", str(topology("base"))).stdout
+    diff = json.loads(orch(env, "plan", str(topology("serve-change", max_num_seqs=4)), "--json").stdout)["diff"]
+    assert diff["phases"] == ["serve"] and "serve.max_num_seqs" in diff["changed"]
+    diff = json.loads(orch(env, "plan", str(topology("tp2", tp=2)), "--json").stdout)["diff"]
+    assert diff["phases"] == ["convert", "serve"] and "tp" in diff["changed"]
     r = json.loads(orch(env, "apply", str(topology("serve-change", max_num_seqs=4)), "--json").stdout)
     assert r["ok"] and r["actions"] == ["serve"]
     assert served_tokens(r["endpoint"]) == deployment["ref"]

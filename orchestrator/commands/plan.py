@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from orchestrator.commands.validate import SHAPE_ONLY_HELP
 
@@ -18,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", metavar="FILE", help="topology YAML file")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (with content_hash)")
     p.add_argument("--shape-only", action="store_true", help=SHAPE_ONLY_HELP)
+    p.add_argument("--address", help="Ray cluster to diff against (default: RAY_ADDRESS, else the embedded head "
+                   "if one runs); with no cluster running the diff says everything would be created")
     p.set_defaults(func=run)
 
 
@@ -26,11 +29,40 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.localhost import detect_local_gpus
     from orchestrator.validation import load_and_validate
 
-    _, _, plan = load_and_validate(args.file, shape_only=args.shape_only, local_gpus=detect_local_gpus())
+    topo, _, plan = load_and_validate(args.file, shape_only=args.shape_only, local_gpus=detect_local_gpus())
+    diff = None if args.shape_only else running_diff(topo, plan, args.address)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
+        print(json.dumps({**plan.to_dict(), **({"diff": diff} if diff else {})}, indent=2, sort_keys=True))
     else:
         from rich.console import Console
 
-        Console().print(plan.render_table())
+        console = Console()
+        console.print(plan.render_table())
+        if diff:
+            if not diff["running"]:
+                console.print(f"not deployed: apply would run {', '.join(diff['phases'])}")
+            elif not diff["phases"]:
+                console.print("unchanged: the running deployment already matches")
+            else:
+                console.print(f"changes against what runs: {', '.join(diff['changed'])}; "
+                              f"apply would run {', '.join(diff['phases'])}")
     return 0
+
+
+def running_diff(topo, plan, address: str | None) -> dict | None:
+    """The diff against the deployment of the same name, when a cluster with a controller is reachable."""
+    from orchestrator import ray_cluster
+
+    if not (address or os.environ.get("RAY_ADDRESS") or ray_cluster.embedded_address()):
+        return None
+    import ray
+
+    from orchestrator.controller import get_controller
+    from orchestrator.deploy_spec import DeploymentSpec, diff_specs, spec_from_topology
+
+    ray_cluster.connect(address, start=False)
+    ctl = get_controller(create=False)
+    status = ray.get(ctl.status.remote()) if ctl else {}
+    running = status.get(topo.name)
+    new = spec_from_topology(topo, plan, ray_cluster.ray_nodes())
+    return diff_specs(DeploymentSpec.from_dict(running["spec"]) if running else None, new)
