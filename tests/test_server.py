@@ -179,6 +179,7 @@ def test_logprobs_tokenize_and_model_info(server, stub):
     (greedy([5], 4, top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
     (greedy([5], -3), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
     (greedy([5], 4, repetition_penalty=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "repetition_penalty"),
+    (orch_pb2.GenerateRequest(prompt="fox " * 4000), grpc.StatusCode.INVALID_ARGUMENT, "max_seq_len"),  # long text
     (orch_pb2.GenerateRequest(prompt="x" * (5 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
 ])
 def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(server, stub, req, code, words):

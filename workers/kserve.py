@@ -179,7 +179,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                                         outputs=_tensor_meta(OUTPUTS))
 
     # --- inference ---
-    def _prepare(self, request) -> tuple[GenerationRequest, bool, str]:
+    async def _prepare(self, request) -> tuple[GenerationRequest, bool, str]:
         """(request, stream?, text to put before the output)."""
         try:
             self.serving.check_model(request.model_name)
@@ -195,8 +195,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.serving.metrics.requests.labels("rejected").inc()
             raise
         prompt = texts[0].decode("utf-8", "replace")
-        req = self.serving.prepare(model=request.model_name, prompt=prompt, params=params,
-                                   request_id=request.id or "")
+        req = await self.serving.prepare_async(model=request.model_name, prompt=prompt, params=params,
+                                               request_id=request.id or "")
         return req, stream, "" if (stream or exclude) else prompt
 
     def _response(self, request, text: str, final: bool | None = None) -> Any:
@@ -210,14 +210,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         try:
-            req, _, head = self._prepare(request)
+            req, _, head = await self._prepare(request)
             text = "".join(o.text for o in await self.serving.collect(req))
         except RequestError as e:
             await context.abort(grpc.StatusCode[e.code], str(e))
         return self._response(request, head + text)
 
     async def _stream_one(self, request) -> AsyncIterator[Any]:
-        req, stream, head = self._prepare(request)
+        req, stream, head = await self._prepare(request)
         empty_final = request.parameters["triton_enable_empty_final_response"].bool_param \
             if "triton_enable_empty_final_response" in request.parameters else False
         if not stream:

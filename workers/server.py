@@ -205,15 +205,15 @@ class OrchServicer(orch_pb2_grpc.OrchServiceServicer):
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
 
-    def _request(self, request: orch_pb2.GenerateRequest):
-        return self.serving.prepare(
+    async def _request(self, request: orch_pb2.GenerateRequest):
+        return await self.serving.prepare_async(
             model=request.model, prompt=request.prompt, prompt_token_ids=list(request.prompt_token_ids),
             params=params_from_proto(request.sampling), request_id=request.request_id,
             skip_special_tokens=not request.include_special_tokens)
 
     async def GenerateStream(self, request, context):
         try:
-            req = self._request(request)
+            req = await self._request(request)
             async for outs in self.serving.stream(req):
                 yield response_from_outputs(req.request_id, outs)
         except RequestError as e:
@@ -221,7 +221,7 @@ class OrchServicer(orch_pb2_grpc.OrchServiceServicer):
 
     async def Generate(self, request, context):
         try:
-            req = self._request(request)
+            req = await self._request(request)
             outs = await self.serving.collect(req)
         except RequestError as e:
             await context.abort(grpc.StatusCode[e.code], str(e))

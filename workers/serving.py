@@ -66,6 +66,8 @@ class GenerationRequest:
     skip_special_tokens: bool = True
 
 
+LONG_PROMPT_CHARS = 8192  # longer text prompts are tokenized off the event loop
+
 Sink = Callable[["SeqOutput | BaseException"], None]
 
 
@@ -274,6 +276,12 @@ class Serving:
         except RequestError:
             self.metrics.requests.labels("rejected").inc()
             raise
+
+    async def prepare_async(self, **kw) -> GenerationRequest:
+        """prepare() that tokenizes long text prompts on a worker thread, off the event loop."""
+        if len(kw.get("prompt") or "") < LONG_PROMPT_CHARS:
+            return self.prepare(**kw)
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.prepare(**kw))
 
     def _prepare(self, model, prompt, ids, params, request_id, want_text, skip_special) -> GenerationRequest:
         self.check_model(model)
