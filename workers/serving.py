@@ -23,7 +23,7 @@ from workers.metrics import ServerMetrics
 from workers.models.config import ModelConfig
 from workers.sampling import InvalidParams, SamplingParams
 from workers.scheduler import Scheduler, SchedulerConfig, SeqOutput
-from workers.sequence import FinishReason, Sequence
+from workers.sequence import Sequence
 from workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
