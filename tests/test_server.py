@@ -202,6 +202,7 @@ def test_health_and_reflection(server):
     services = set(db.get_services())
     assert {"orch.v1.OrchService", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
     assert db.FindFileContainingSymbol("orch.v1.GenerateRequest").package == "orch.v1"
+    assert db.FindFileContainingSymbol("inference.ModelInferRequest").package == "inference"
     ch.close()
 
 
