@@ -31,8 +31,7 @@ TUNING_FILE = "tuning.json"
 KERNELS = "kernels"
 PINNED = ("gpu_name", "arch", "cuda_runtime", "cuda_driver", "nvrtc", "cupy", "torch", "orch")
 TUNE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-TUNE_CONTEXT = 2048
-SPLIT_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+TUNE_CONTEXTS = (256, 2048)
 
 
 # --- what an engine is pinned to ----------------------------------------------------------------------

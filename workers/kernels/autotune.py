@@ -80,10 +80,11 @@ def tune_gemv(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
 
 
 def tune_attention(nh: int, nkv: int, hd: int, dtype: torch.dtype, batches: tuple[int, ...],
-                   context: int, block_size: int = 16) -> dict[int, int]:
-    """batch -> fastest number of splits of the decode attention at `context` keys per sequence."""
+                   contexts: tuple[int, ...], block_size: int = 16) -> dict[int, int]:
+    """batch -> number of splits of the decode attention with the least summed slowdown over `contexts`
+    (each context's time relative to its fastest choice): one graph serves every context length."""
     bmax = max(batches)
-    blocks_per_seq = -(-context // block_size)
+    blocks_per_seq = -(-max(contexts) // block_size)
     shape = (bmax * blocks_per_seq, block_size, nkv, hd)
     kc = torch.randn(shape, device="cuda", dtype=dtype)
     vc = torch.randn(shape, device="cuda", dtype=dtype)
@@ -95,22 +96,23 @@ def tune_attention(nh: int, nkv: int, hd: int, dtype: torch.dtype, batches: tupl
         n_sets = max(1, min(8, bmax // b))     # different sequences per call: the KV read misses L2
         bts = [perm[j * b * blocks_per_seq:(j + 1) * b * blocks_per_seq].view(b, blocks_per_seq)
                for j in range(n_sets)]
-        cl = torch.full((b,), context, device="cuda", dtype=torch.int32)
-        timings = {}
-        for ns in (1, 2, 4, 8, 16, 32, 64):
-            if ns > 1 and b * nkv * ns > 16 * sms:
-                break
-            timings[ns] = time_ms(lambda i, ns=ns: _attn.paged_decode_attention(
-                q, kc, vc, bts[i], cl, hd ** -0.5, num_splits=ns), n_sets, reps=8)
-        out[b] = min(timings, key=timings.get)
-        log.debug("attention batch %d: %s", b, timings)
+        choices = [ns for ns in (1, 2, 4, 8, 16, 32, 64) if ns == 1 or b * nkv * ns <= 16 * sms]
+        score = dict.fromkeys(choices, 0.0)
+        for ctx in contexts:
+            cl = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+            t = {ns: time_ms(lambda i, ns=ns: _attn.paged_decode_attention(
+                q, kc, vc, bts[i], cl, hd ** -0.5, num_splits=ns), n_sets, reps=8) for ns in choices}
+            for ns in choices:
+                score[ns] += t[ns] / min(t.values())
+            log.debug("attention batch %d context %d: %s", b, ctx, t)
+        out[b] = min(score, key=score.get)
     del kc, vc
     return out
 
 
 def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
     """The tuning table for a shard on the current GPU."""
-    from workers.build import TUNE_BATCHES, TUNE_CONTEXT
+    from workers.build import TUNE_BATCHES, TUNE_CONTEXTS
     from workers.layout import local_heads
     from workers.models.config import ModelConfig
 
@@ -124,6 +126,6 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
     probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
     if _attn.supported(probe_q, probe_k):
         t.attention_splits = tune_attention(len(q), len(kv), cfg.head_dim, dtype, TUNE_BATCHES,
-                                            min(TUNE_CONTEXT, cfg.max_position_embeddings))
+                                            tuple(min(c, cfg.max_position_embeddings) for c in TUNE_CONTEXTS))
     torch.cuda.empty_cache()
     return t

@@ -2,12 +2,13 @@
 // Each warp owns ROWS consecutive output rows: its lanes stream those rows of W in 8-element (16-byte)
 // vectors, ROWS * UNROLL loads in flight per lane (marked no-L1-allocate: W is read once), and dot them
 // with the M rows of x (re-read from L1); fp32 accumulation. Needs K % 8 == 0 and 16-byte aligned rows.
-// grid ceil(N / (WARPS * ROWS)), WARPS * 32 threads.
+// Warps walk the row groups grid-stride (the grid is sized to the GPU, so no wave tail of short blocks).
+// WARPS * 32 threads per block.
 #ifndef ROWS
 #define ROWS 2
 #endif
 #define WARPS 4
-#define UNROLL 4
+#define UNROLL (8 / ROWS)
 
 __device__ __forceinline__ void load8_stream(const scalar_t* p, float* f) {
 #if DTYPE == 0
@@ -25,51 +26,52 @@ __device__ __forceinline__ void gemv_body(const scalar_t* __restrict__ x, long l
                                           const scalar_t* __restrict__ W, const scalar_t* __restrict__ bias,
                                           scalar_t* __restrict__ y, int N, int K) {
   const int lane = threadIdx.x & 31;
-  const long long n0 = ((long long)blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;
-  if (n0 >= N) return;
+  const long long stride = (long long)gridDim.x * WARPS * ROWS;
   const int K8 = K >> 3;
-  float acc[ROWS][M];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
-  for (int base = lane; base < K8; base += 32 * UNROLL) {
-    float wf[ROWS][UNROLL][8];
+  for (long long n0 = ((long long)blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS; n0 < N; n0 += stride) {
+    float acc[ROWS][M];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r)
 #pragma unroll
+      for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    for (int base = lane; base < K8; base += 32 * UNROLL) {
+      float wf[ROWS][UNROLL][8];
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          const int c = base + u * 32;
+          if (c < K8 && n0 + r < N) load8_stream(W + (n0 + r) * K + c * 8, wf[r][u]);
+        }
+#pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         const int c = base + u * 32;
-        if (c < K8 && n0 + r < N) load8_stream(W + (n0 + r) * K + c * 8, wf[r][u]);
-      }
+        if (c < K8) {
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int c = base + u * 32;
-      if (c < K8) {
+          for (int m = 0; m < M; ++m) {
+            float xf[8];
+            load8(x + m * x_stride + c * 8, xf);
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-          float xf[8];
-          load8(x + m * x_stride + c * 8, xf);
+            for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-          for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[r][m] += wf[r][u][e] * xf[e];
+              for (int e = 0; e < 8; ++e) acc[r][m] += wf[r][u][e] * xf[e];
+          }
         }
       }
     }
-  }
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r)
+    for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-    for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
-  if (lane == 0) {
+      for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
+    if (lane == 0) {
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      const long long n = n0 + r;
-      if (n < N) {
-        const float bv = bias ? to_f(bias[n]) : 0.f;
+      for (int r = 0; r < ROWS; ++r) {
+        const long long n = n0 + r;
+        if (n < N) {
+          const float bv = bias ? to_f(bias[n]) : 0.f;
 #pragma unroll
-        for (int m = 0; m < M; ++m) y[(long long)m * N + n] = from_f(acc[r][m] + bv);
+          for (int m = 0; m < M; ++m) y[(long long)m * N + n] = from_f(acc[r][m] + bv);
+        }
       }
     }
   }

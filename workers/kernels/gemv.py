@@ -1,6 +1,8 @@
 """Loader of gemv.cu: the skinny GEMM of small-batch decode (weights streamed once)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from workers.kernels import tuning
@@ -9,6 +11,17 @@ from workers.kernels._nvrtc import aligned, function, i32, i64, launch, ptr, spe
 MAX_M = 8
 WARPS = 4
 ROW_CHOICES = (1, 2, 4)
+
+
+REGS_PER_SM = 65536
+
+
+@functools.lru_cache(maxsize=None)
+def _max_blocks(fn: object, device: torch.device) -> int:
+    """Blocks of a grid-stride launch: as many as are resident at once on every SM (by registers)."""
+    regs = int(getattr(fn, "num_regs", 0) or 64)
+    per_sm = max(1, min(16, REGS_PER_SM // (regs * WARPS * 32)))
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -27,7 +40,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, row
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     fn = function(spec("gemv", x.dtype, ROWS=rows), f"gemv_m{M}")
     per_block = WARPS * rows
-    launch(fn, ((N + per_block - 1) // per_block,), (WARPS * 32,),
+    blocks = min((N + per_block - 1) // per_block, _max_blocks(fn, x.device))
+    launch(fn, (blocks,), (WARPS * 32,),
            (ptr(x), i64(x.stride(0)), ptr(w), ptr(None if bias is None else bias.contiguous()), ptr(y),
             i32(N), i32(K)))
     return y

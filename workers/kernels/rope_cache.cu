@@ -1,7 +1,7 @@
 // Rotary embedding ("rotate_half": halves x1, x2 -> x1 c - x2 s, x2 c + x1 s) applied in place to q and k,
 // then k and v stored into the paged cache at slot_mapping[t] (slot < 0: padding, nothing stored).
 // cos/sin are float32 [max_pos, hd/2]; they are rounded to the element type first, and each product
-// and sum is rounded, as torch does in that type. One block per token.
+// and sum is rounded, as torch does in that type. grid (T, Y): the Y blocks of a token share its pairs.
 // Token strides (in elements) let q/k/v be views into a fused qkv row; heads are contiguous inside.
 extern "C" __global__ void rope_cache_write(scalar_t* __restrict__ q, scalar_t* __restrict__ k,
                                             const scalar_t* __restrict__ v, const long long* __restrict__ positions,
@@ -19,7 +19,8 @@ extern "C" __global__ void rope_cache_write(scalar_t* __restrict__ q, scalar_t* 
   scalar_t* kt = k + t * k_stride;
   const scalar_t* vt = v + t * v_stride;
   const int pairs = (nh + nkv) * half;
-  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+  const int first = blockIdx.y * blockDim.x + threadIdx.x, step = gridDim.y * blockDim.x;
+  for (int p = first; p < pairs; p += step) {
     const int h = p / half, i = p - h * half;
     const float c = rnd(ct[i]), s = rnd(st[i]);
     scalar_t* base = h < nh ? qt + h * hd : kt + (h - nh) * hd;
@@ -35,6 +36,6 @@ extern "C" __global__ void rope_cache_write(scalar_t* __restrict__ q, scalar_t* 
     }
   }
   if (slot >= 0) {
-    for (int e = threadIdx.x; e < nkv * hd; e += blockDim.x) v_cache[slot * nkv * hd + e] = vt[e];
+    for (int e = first; e < nkv * hd; e += step) v_cache[slot * nkv * hd + e] = vt[e];
   }
 }

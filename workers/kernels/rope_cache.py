@@ -22,9 +22,11 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
     if T == 0:
         return
     qq, kk, vv = _token_major(q), _token_major(k), _token_major(v)
-    threads = min(512, max(32, ((nh + nkv) * hd // 2 + 31) // 32 * 32))
+    work = max((nh + nkv) * hd // 2, nkv * hd)
+    threads = 128
+    per_token = min(16, -(-work // threads))   # blocks per token: small steps spread over more SMs
     fn = function(spec("rope_cache", q.dtype), "rope_cache_write")
-    launch(fn, (T,), (threads,),
+    launch(fn, (T, per_token), (threads,),
            (ptr(qq), ptr(kk), ptr(vv), ptr(positions.long().contiguous()), ptr(cos.float().contiguous()),
             ptr(sin.float().contiguous()), ptr(k_cache), ptr(v_cache), ptr(slot_mapping.long().contiguous()),
             i32(nh), i32(nkv), i32(hd), i64(qq.stride(0)), i64(kk.stride(0)), i64(vv.stride(0))))
