@@ -155,3 +155,23 @@ def test_bad_requests_get_clear_errors(client):
     with pytest.raises(InferenceServerException, match="temperature"):
         client.infer("tiny", inputs(temperature=float("nan")))
     assert client.infer("tiny", inputs(max_tokens=2)).as_numpy("text_output") is not None
+
+
+def test_cancelling_the_stream_frees_the_blocks(server, client):
+    import time
+
+    from tests.fixtures.serving import scrape
+
+    got: queue.Queue = queue.Queue()
+    before = scrape(server.metrics_port)['orch_requests_total{outcome="cancelled"}']
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    client.async_stream_infer("tiny", inputs(max_tokens=200, stream=True), request_id="long")
+    for _ in range(3):
+        assert got.get(timeout=30)[1] is None
+    assert scrape(server.metrics_port)["orch_kv_blocks_used"] > 0
+    client.stop_stream(cancel_requests=True)
+    end = time.monotonic() + 5
+    while scrape(server.metrics_port)["orch_kv_blocks_used"] > 0:
+        assert time.monotonic() < end, "blocks not freed after the stream was cancelled"
+        time.sleep(0.02)
+    assert scrape(server.metrics_port)['orch_requests_total{outcome="cancelled"}'] == before + 1
