@@ -29,12 +29,6 @@ def _embedded_file() -> Path:
     return orch_home() / "embedded-ray.json"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _reachable(address: str, timeout: float = 1.0) -> bool:
     host, _, port = address.rpartition(":")
     try:
@@ -56,7 +50,9 @@ def embedded_address() -> str | None:
 
 def start_embedded_head() -> str:
     """Start a local Ray head in its own session (it outlives this process) and record it."""
-    port = _free_port()
+    from workers.dist import free_port
+
+    port = free_port()
     address = f"127.0.0.1:{port}"
     home = orch_home()
     home.mkdir(parents=True, exist_ok=True)

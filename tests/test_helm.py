@@ -21,6 +21,7 @@ from kubernetes_validate import utils as kv
 from orchestrator.plan import make_plan
 from orchestrator.topology import parse_topology
 from tests.fixtures.model_shapes import llama31
+from workers.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "helm" / "orch"
@@ -311,12 +312,6 @@ def test_job_command_parses_with_the_orch_cli(helm):
         "apply", "/etc/orch/topology.yaml", "ray://llm-orch-head-svc:10001", True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_script(docs: list[dict], client_port: int) -> str:
     """The Job's rendered init script, pointed at a Ray Client port on this machine."""
     script = one(docs, "Job")["spec"]["template"]["spec"]["initContainers"][0]["command"][-1]
@@ -329,7 +324,7 @@ def _wait_script(docs: list[dict], client_port: int) -> str:
 def test_job_waits_for_every_topology_node_in_a_real_ray_cluster(helm, tmp_path):
     """The Job's init script, as rendered, against a real Ray head that advertises one of two nodes."""
     topo = {"name": "w", "model": {"path": "/m"}, "nodes": [{"name": "a", "gpus": 1}, {"name": "b", "gpus": 1}]}
-    gcs, client = _free_port(), _free_port()
+    gcs, client = free_port(), free_port()
     script = _wait_script(render(helm, values={"topology": topo}, tmp_path=tmp_path), client)
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", f"--ray-client-server-port={client}",
@@ -444,7 +439,7 @@ def test_rendered_chart_deploys_with_real_orch_over_ray_client(helm, tmp_path):
     from workers.models.tiny import write_random_checkpoint
 
     model = write_random_checkpoint(tmp_path / "model", seed=random.randrange(1 << 16))
-    grpc_port, metrics_port, gcs, client = (_free_port() for _ in range(4))
+    grpc_port, metrics_port, gcs, client = (free_port() for _ in range(4))
     topo = {"name": "helm-e2e", "model": {"path": str(model), "dtype": "float32"}, "device": "cpu",
             "nodes": [{"name": "worker-a", "gpus": 0, "memory_gb": 8}],
             "serve": {"max_num_seqs": 4, "max_seq_len": 128, "max_num_batched_tokens": 64}}

@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 CONTROL_WORDS = 4096  # int64 words of the per-step control broadcast (a decode step of ~500 sequences)
 
 
-def free_port() -> int:
-    """A TCP port free on this host right now (for a local rendezvous)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on this host's address `host` right now (for a rendezvous or a server)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

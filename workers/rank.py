@@ -6,7 +6,6 @@ A leaf of the control plane: it gets everything as arguments and never imports t
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
@@ -42,7 +41,8 @@ class RankActor:
         """This node's address and a free port on it, for the group's init_method."""
         from workers.dist import free_port
 
-        return ray.util.get_node_ip_address(), free_port()
+        ip = ray.util.get_node_ip_address()
+        return ip, free_port(ip)
 
     def start(self, *, rank_dir: str, rank: int, world_size: int, tp: int, pp: int, init_method: str,
               device: str, serve: dict) -> dict:
@@ -70,27 +70,18 @@ class RankActor:
                 raise self.error
             return {"rank": rank, "node_id": ray.get_runtime_context().get_node_id()}
         engine = run_rank(rank_dir, 0, world_size, tp, pp, init_method, device=device, **kv)
-        return self._start_front_end(engine, rank_dir, device, serve, tp, pp)
+        return self._start_front_end(engine, rank_dir, device, serve)
 
-    def _start_front_end(self, engine, rank_dir: str, device: str, serve: dict, tp: int, pp: int) -> dict:
-        from workers.models.config import ModelConfig
-        from workers.server import ServerConfig, ServerThread, load_tokenizer
-        from workers.serving import ModelInfo
+    def _start_front_end(self, engine, rank_dir: str, device: str, serve: dict) -> dict:
+        from workers.server import ServerConfig, ServerThread
 
-        manifest = json.loads((Path(rank_dir) / "manifest.json").read_text())
-        mc = ModelConfig.from_dict(manifest["model_config"])
         cfg = ServerConfig(shard_dir=Path(rank_dir), model_name=serve.get("model_name") or "model",
                            host=serve["host"], port=serve["port"], metrics_port=serve.get("metrics_port"),
                            device=device, max_num_seqs=serve["max_num_seqs"], max_seq_len=serve["max_seq_len"],
                            max_num_batched_tokens=serve["max_num_batched_tokens"], block_size=serve["block_size"],
                            num_kv_blocks=serve["num_kv_blocks"])
-        max_seq_len = min(cfg.max_seq_len, mc.max_position_embeddings, cfg.num_kv_blocks * cfg.block_size)
-        info = ModelInfo(name=cfg.model_name, model_config=mc, max_seq_len=max_seq_len, block_size=cfg.block_size,
-                         num_kv_blocks=cfg.num_kv_blocks, max_num_seqs=cfg.max_num_seqs,
-                         max_num_batched_tokens=cfg.max_num_batched_tokens, tp=tp, pp=pp,
-                         dtype=manifest["dtype"], device=device, aliases=("ensemble",))
         try:
-            self.server = ServerThread(cfg, engine=engine, info=info, tokenizer=load_tokenizer(cfg))
+            self.server = ServerThread(cfg, engine=engine)  # ModelInfo and tokenizer derived from the engine
         except BaseException:
             engine.shutdown()
             raise

@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import multiprocessing
-import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from orchestrator.errors import CheckpointError, RuntimeFailure
 from protos.kserve import grpc_predict_v2_pb2
 from protos.orch.v1 import orch_pb2, orch_pb2_grpc
+from workers.dist import free_port  # noqa: F401 - re-exported for callers of the server
 from workers.metrics import ServerMetrics
 from workers.sampling import SamplingParams
 from workers.scheduler import SeqOutput
@@ -75,13 +75,6 @@ def find_layout(shard_dir: Path | str) -> tuple[Path, int, int]:
                               "point --shards at one of them")
     m = json.loads((layouts[0] / "rank-0-0" / "manifest.json").read_text())
     return layouts[0], int(m["tp_size"]), int(m["pp_size"])
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _size_kv_cache(cfg: ServerConfig, layout: Path, tp: int, pp: int) -> tuple[int, dict]:

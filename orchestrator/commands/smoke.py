@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import tempfile
 from pathlib import Path
 
@@ -47,12 +46,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def reference_tokens(model_dir: Path, work: Path, prompt_ids: list[int], n: int) -> list[int]:
     """Greedy tokens of the CPU reference engine (float32, one rank) served in this process."""
     from orchestrator.client import OrchClient
@@ -76,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.commands.apply import apply_file
     from orchestrator.commands.delete import delete_deployment
     from orchestrator.topology import load_topology
+    from workers.dist import free_port
     from workers.models.tiny import write_random_checkpoint
 
     console = Console(stderr=True)
@@ -87,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
             model = write_random_checkpoint(work / "model", seed=random.randrange(1 << 30))
             path = work / "smoke.yaml"
             path.write_text(_TOPOLOGY.format(name=f"smoke-{random.randrange(1 << 20):05x}", model=model,
-                                             artifacts=work / "artifacts", port=_free_port(),
-                                             metrics_port=_free_port()))
+                                             artifacts=work / "artifacts", port=free_port(),
+                                             metrics_port=free_port()))
         topo = load_topology(path)
         result = apply_file(str(path), args.address, console)
         try:
