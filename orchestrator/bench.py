@@ -387,6 +387,8 @@ async def run_shard(cfg: BenchConfig, server: ServerInfo, shard: int = 0, shards
     conc = _share(cfg.concurrency, shard, shards) if cfg.concurrency else None
     peak = conc or max(1, math.ceil((cfg.request_rate or 1) / shards))
     proto = make_protocol(cfg, cfg.channels or max(1, math.ceil(peak / STREAMS_PER_CHANNEL)))
+    if hasattr(proto, "inputs"):  # KServe: the model's declared inputs decide how ignore_eos is sent
+        proto.inputs = list(server.inputs)
     try:
         if not server.error:
             await proto.connect(5.0)
