@@ -92,6 +92,30 @@ __device__ __forceinline__ void store8(scalar_t* p, const float* f) {
 #endif
 }
 
+// 8 elements held raw in registers (loaded now, converted when used: fewer live registers in flight).
+#if DTYPE == 0
+struct raw8 { float4 a, b; };
+__device__ __forceinline__ raw8 load_raw8(const scalar_t* p) {
+  raw8 r;
+  r.a = __ldg((const float4*)p);
+  r.b = __ldg((const float4*)p + 1);
+  return r;
+}
+__device__ __forceinline__ void unraw8(const raw8& r, float* f) {
+  f[0] = r.a.x; f[1] = r.a.y; f[2] = r.a.z; f[3] = r.a.w; f[4] = r.b.x; f[5] = r.b.y; f[6] = r.b.z; f[7] = r.b.w;
+}
+#else
+struct raw8 { uint4 a; };
+__device__ __forceinline__ raw8 load_raw8(const scalar_t* p) {
+  raw8 r;
+  r.a = __ldg((const uint4*)p);
+  return r;
+}
+__device__ __forceinline__ void unraw8(const raw8& r, float* f) {
+  unpack2(r.a.x, f[0], f[1]); unpack2(r.a.y, f[2], f[3]); unpack2(r.a.z, f[4], f[5]); unpack2(r.a.w, f[6], f[7]);
+}
+#endif
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

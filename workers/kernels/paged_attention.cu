@@ -15,7 +15,9 @@
 #define NTHREADS 128
 #define TPT (HD / 8)
 #define NSUB (NTHREADS / TPT)
-#define UNROLL 2
+#ifndef UNROLL
+#define UNROLL (GROUP >= 8 ? 2 : 4)   // keys in flight per subgroup (register budget: GROUP x 16 accumulators)
+#endif
 
 __device__ __forceinline__ int split_length(int n, int ns, int min_split) {
   return max((n + ns - 1) / ns, min_split);
@@ -58,28 +60,38 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
   const long long head_off = (long long)kvh * HD + lane * 8;
 
   for (int base = start; base < end; base += NSUB * UNROLL) {
-    float kf[UNROLL][8], vf[UNROLL][8];
+    // all UNROLL keys' slots first (independent block-table reads), then all their K/V loads in flight
+    long long slot[UNROLL];
     bool ok[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int t = base + u * NSUB + sub;
       ok[u] = t < end;
-      if (ok[u]) {
-        const long long slot = (long long)bt[t / block_size] * block_size + t % block_size;
-        load8(k_cache + slot * tok_stride + head_off, kf[u]);
-        load8(v_cache + slot * tok_stride + head_off, vf[u]);
-      } else {
+      slot[u] = ok[u] ? (long long)bt[t / block_size] * block_size + t % block_size : 0;
+    }
+    raw8 kr[UNROLL], vr[UNROLL];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) kf[u][e] = vf[u][e] = 0.f;
+    for (int u = 0; u < UNROLL; ++u) {
+      if (ok[u]) {
+        kr[u] = load_raw8(k_cache + slot[u] * tok_stride + head_off);
+        vr[u] = load_raw8(v_cache + slot[u] * tok_stride + head_off);
       }
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
+      float kf[8], vf[8];
+      if (ok[u]) {
+        unraw8(kr[u], kf);
+        unraw8(vr[u], vf);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) kf[e] = vf[e] = 0.f;
+      }
 #pragma unroll
       for (int g = 0; g < GROUP; ++g) {
         float s = 0.f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) s += qr[g][e] * kf[u][e];
+        for (int e = 0; e < 8; ++e) s += qr[g][e] * kf[e];
 #pragma unroll
         for (int o = TPT / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (ok[u]) {
@@ -87,7 +99,7 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
           const float a = exp2f(m[g] - mn), p = exp2f(s - mn);
           l[g] = l[g] * a + p;
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc[g][e] = acc[g][e] * a + p * vf[u][e];
+          for (int e = 0; e < 8; ++e) acc[g][e] = acc[g][e] * a + p * vf[e];
           m[g] = mn;
         }
       }
