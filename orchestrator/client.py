@@ -55,16 +55,23 @@ def completion_from(pb: Any, msg: Any, into: Completion | None = None) -> Comple
 class OrchClient:
     """Talks to one orch server at HOST:PORT."""
 
-    def __init__(self, endpoint: str, timeout: float | None = None, max_message_bytes: int = 64 << 20) -> None:
+    def __init__(self, endpoint: str, timeout: float | None = None, max_message_bytes: int = 64 << 20,
+                 tls_ca: str | None = None) -> None:
         import grpc
 
         from protos.orch.v1 import orch_pb2, orch_pb2_grpc
 
         self.endpoint, self.timeout, self.pb = endpoint, timeout, orch_pb2
         self._grpc = grpc
-        self.channel = grpc.insecure_channel(endpoint, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if tls_ca is not None:  # TLS, trusting this CA bundle ("" = the system's roots)
+            from pathlib import Path
+
+            roots = Path(tls_ca).read_bytes() if tls_ca else None
+            self.channel = grpc.secure_channel(endpoint, grpc.ssl_channel_credentials(roots), options=options)
+        else:
+            self.channel = grpc.insecure_channel(endpoint, options=options)
         self.stub = orch_pb2_grpc.OrchServiceStub(self.channel)
 
     def __enter__(self) -> "OrchClient":

@@ -79,7 +79,7 @@ class RankActor:
                            host=serve["host"], port=serve["port"], metrics_port=serve.get("metrics_port"),
                            device=device, max_num_seqs=serve["max_num_seqs"], max_seq_len=serve["max_seq_len"],
                            max_num_batched_tokens=serve["max_num_batched_tokens"], block_size=serve["block_size"],
-                           num_kv_blocks=serve["num_kv_blocks"])
+                           num_kv_blocks=serve["num_kv_blocks"], **ServerConfig.tls_from_env())
         try:
             self.server = ServerThread(cfg, engine=engine)  # ModelInfo and tokenizer derived from the engine
         except BaseException:

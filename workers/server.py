@@ -55,6 +55,16 @@ class ServerConfig:
     kv_cache_fraction: float = 0.1
     enable_prefix_caching: bool = True
     max_message_bytes: int = 4 << 20
+    tls_cert: Path | None = None      # PEM certificate chain; with tls_key the port speaks TLS only
+    tls_key: Path | None = None
+
+    @classmethod
+    def tls_from_env(cls) -> dict:
+        """tls_cert / tls_key from ORCH_TLS_CERT / ORCH_TLS_KEY (set by the Helm chart), when given."""
+        import os
+
+        cert, key = os.environ.get("ORCH_TLS_CERT"), os.environ.get("ORCH_TLS_KEY")
+        return {"tls_cert": Path(cert), "tls_key": Path(key)} if cert and key else {}
 
 
 # --- shards and engine ---------------------------------------------------------------------------
@@ -296,7 +306,12 @@ class Server:
             [ORCH_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server,
             pool=_reflection_pool())
         try:
-            self.port = server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+            address = f"{self.cfg.host}:{self.cfg.port}"
+            if self.cfg.tls_cert and self.cfg.tls_key:
+                creds = grpc.ssl_server_credentials([(self.cfg.tls_key.read_bytes(), self.cfg.tls_cert.read_bytes())])
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
             if not self.port:
                 raise RuntimeError("bind failed")
             await server.start()

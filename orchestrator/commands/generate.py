@@ -42,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="", help="served model name (default: the server's only model)")
     p.add_argument("--stream", action="store_true", help="stream the answer as it is generated")
     p.add_argument("--json", action="store_true", help="print token ids, text, finish reason and usage as JSON")
+    p.add_argument("--tls-ca", metavar="PEM", default=None,
+                   help="connect over TLS, trusting this CA certificate file ('' = the system's roots)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up after S seconds (default 300)")
     p.set_defaults(func=run)
 
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
               seed=args.seed, repetition_penalty=args.repetition_penalty, stop=args.stop,
               stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos, model=args.model,
               logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0)
-    with OrchClient(args.endpoint, timeout=args.timeout) as client:
+    with OrchClient(args.endpoint, timeout=args.timeout, tls_ca=args.tls_ca) as client:
         if not args.stream:
             c = client.generate(args.prompt, args.prompt_ids, **kw)
             print(json.dumps(c.to_dict(), ensure_ascii=False) if args.json else c.text)

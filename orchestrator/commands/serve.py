@@ -98,7 +98,7 @@ def server_config(args: argparse.Namespace):
     vals["device"] = _device(vals.get("device", "auto"))
     vals["max_message_bytes"] = int(args.max_message_mb * (1 << 20))
     vals["enable_prefix_caching"] = not args.no_prefix_caching
-    return ServerConfig(**vals)
+    return ServerConfig(**vals, **ServerConfig.tls_from_env())
 
 
 def run(args: argparse.Namespace) -> int:
