@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
+
+from workers.fsutil import atomic_dir
 
 CHUNK_BYTES = 16 << 20
 
@@ -64,11 +64,8 @@ def matches(root: Path | str, entries: list[dict]) -> bool:
 def receive_dir(target: Path | str, entries: list[dict], fetch: Callable[[str, int, int], bytes],
                 chunk_bytes: int = CHUNK_BYTES) -> int:
     """Pull every file through fetch(rel, offset, size), verify hashes, rename into target; returns bytes moved."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.incoming.", dir=target.parent))
     moved = 0
-    try:
+    with atomic_dir(target) as tmp:
         for e in entries:
             dst = tmp / e["path"]
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -87,10 +84,4 @@ def receive_dir(target: Path | str, entries: list[dict], fetch: Callable[[str, i
             if h.hexdigest() != e["sha256"]:
                 raise IOError(f"{e['path']}: sha256 mismatch after transfer")
             moved += e["size"]
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return moved

@@ -6,9 +6,6 @@ byte-level BPE tokenizer.json trained on a small built-in text.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 _CORPUS = """\
@@ -81,21 +78,17 @@ def write_random_checkpoint(out_dir: Path | str, arch: str = "llama", seed: int 
     import torch
     from safetensors.torch import save_file
 
-    from workers.layout import required_sources
+    from workers.fsutil import atomic_dir
+    from workers.layout import required_sources, source_shape
     from workers.models.config import parse_model_config
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_dir(out_dir) as tmp:
         raw = tiny_config(arch, **overrides)
         real_vocab = write_tokenizer(tmp, raw["vocab_size"])
         assert real_vocab <= raw["vocab_size"], (real_vocab, raw["vocab_size"])
         cfg = parse_model_config(raw)
         gen = torch.Generator().manual_seed(seed)
-        from workers.layout import source_shape
-
         tensors = {}
         for name in required_sources(cfg):
             shape = source_shape(cfg, name)
@@ -108,10 +101,4 @@ def write_random_checkpoint(out_dir: Path | str, arch: str = "llama", seed: int 
             tensors[name] = t.to(torch.float32).contiguous()
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(raw, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
