@@ -51,26 +51,19 @@ def server_config(args: argparse.Namespace):
     """The ServerConfig of the command line (and topology file), converting the checkpoint if needed."""
     from pathlib import Path
 
-    from orchestrator.errors import OrchError, TopologyError
+    from orchestrator.errors import OrchError
     from workers.server import ServerConfig
 
     if bool(args.file) == bool(args.shards):
         raise OrchError("orch serve: give a topology FILE or --shards DIR (one of them)")
     vals: dict = {}
     if args.file:
+        from orchestrator.commands.convert import convert_topology
         from orchestrator.topology import load_topology
-        from workers.convert import HASH_CACHE, convert_checkpoint, shards_root
 
         topo = load_topology(args.file)
-        artifacts = topo.build.artifacts
-        if "://" in artifacts:
-            raise TopologyError(f"{args.file}: build.artifacts={artifacts!r} is a URI; "
-                                "orch serve needs the shards in a local directory")
         tp, pp = topo.parallelism.tensor, topo.parallelism.pipeline
-        root = shards_root(artifacts, topo.model.path)
-        convert_checkpoint(topo.model.path, root, tp, pp, topo.model.dtype, progress=True,
-                           quantization=topo.build.quantization,
-                           hash_cache=Path(artifacts) / "shards" / HASH_CACHE)
+        root, _ = convert_topology(topo)
         s = topo.serve
         vals = dict(shard_dir=root / f"tp{tp}-pp{pp}", model_name=topo.name, host=s.host, port=s.port,
                     metrics_port=s.metrics_port, device=topo.device, max_num_seqs=s.max_num_seqs,
