@@ -75,3 +75,38 @@ def test_tuning_table_round_trip_and_lookup():
 def test_build_without_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(EngineMismatchError, match="needs a CUDA GPU"):
         build_engine(tmp_path / "shard", tmp_path / "engines")
+
+
+def _mesh_rank(rank: int, init: str, envs: list[dict], out: str) -> None:
+    from workers.build import check_mesh
+    from workers.dist import DistContext
+
+    ctx = DistContext.init(rank, 2, 2, 1, init, "gloo", timeout_s=60)
+    try:
+        check_mesh(envs[rank], ctx)
+        msg = "ok"
+    except EngineMismatchError as e:
+        msg = str(e)
+    finally:
+        ctx.close()
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(msg)
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_ranks_refuse_a_mixed_mesh(tmp_path, differ):
+    """Two gloo ranks exchange their stacks at start-up; a differing GPU makes every rank refuse."""
+    import torch.multiprocessing as mp
+
+    from workers.dist import free_port
+
+    envs = [ENV, dict(ENV, gpu_name="NVIDIA A100-SXM4-80GB") if differ else ENV]
+    out = str(tmp_path / "mesh")
+    mp.spawn(_mesh_rank, args=(f"tcp://127.0.0.1:{free_port()}", envs, out), nprocs=2, join=True)
+    msgs = [open(f"{out}.{r}").read() for r in range(2)]
+    if differ:
+        for m in msgs:
+            assert m.startswith("mixed mesh refused: gpu_name: rank 0 has 'NVIDIA H100 80GB HBM3', "
+                                "rank 1 has 'NVIDIA A100-SXM4-80GB'")
+    else:
+        assert msgs == ["ok", "ok"]

@@ -235,7 +235,7 @@ def check_mesh(env: dict[str, str], dist: Any) -> None:
     import torch.distributed as tdist
 
     envs: list[Any] = [None] * dist.world_size
-    tdist.all_gather_object(envs, env)
+    tdist.all_gather_object(envs, env, group=getattr(dist, "control_group", None))  # gloo beside NCCL
     first = envs[0]
     for rank, e in enumerate(envs):
         diffs = [f"{k}: rank 0 has {first.get(k)!r}, rank {rank} has {e.get(k)!r}"
