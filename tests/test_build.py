@@ -110,3 +110,33 @@ def test_ranks_refuse_a_mixed_mesh(tmp_path, differ):
                                 "rank 1 has 'NVIDIA A100-SXM4-80GB'")
     else:
         assert msgs == ["ok", "ok"]
+
+
+def _topology(tmp_path, tp: int = 1) -> str:
+    from workers.models.tiny import write_random_checkpoint
+
+    model = write_random_checkpoint(tmp_path / "ck", num_hidden_layers=2, seed=3)
+    topo = tmp_path / "t.yaml"
+    topo.write_text(f"name: b\nmodel: {{path: {model}, dtype: bfloat16}}\nparallelism: {{tensor: {tp}}}\n"
+                    f"build: {{artifacts: {tmp_path / 'art'}}}\n")
+    return str(topo)
+
+
+def test_orch_build_needs_converted_shards(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    topo = _topology(tmp_path, tp=2)
+    assert main(["build", topo]) == 2
+    err = capsys.readouterr().err
+    assert "0 of 2 converted shards found" in err and f"run `orch convert {topo}` first" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_orch_build_without_gpu_says_so(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    topo = _topology(tmp_path)
+    assert main(["convert", topo, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["build", topo]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

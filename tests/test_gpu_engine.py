@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,22 @@ def test_engine_build_cache_and_mismatch(shard_dirs, tmp_path):
     assert "arch" not in msg.split("(")[1].split(")")[0]   # only what differs is named
     assert build_engine(shard, tmp_path / "engines", force=True) == eng_dir  # a rebuild fixes it
     Engine(eng_dir, device="cuda", num_kv_blocks=BLOCKS, block_size=BS)
+
+
+def test_orch_build_command(tmp_path, capsys):
+    from orchestrator.cli import main
+    from workers.models.tiny import write_random_checkpoint
+
+    model = write_random_checkpoint(tmp_path / "ck", num_hidden_layers=2, seed=5)
+    topo = tmp_path / "t.yaml"
+    topo.write_text(f"name: b\nmodel: {{path: {model}, dtype: bfloat16}}\nparallelism: {{tensor: 2}}\n"
+                    f"build: {{artifacts: {tmp_path / 'art'}}}\n")
+    assert main(["convert", str(topo), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["build", str(topo), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert len(first["engines"]) == 2
+    for e in first["engines"]:
+        assert (Path(e["engine"]) / "engine.json").is_file()
+    assert main(["build", str(topo)]) == 0
+    assert "up to date" in capsys.readouterr().out

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.errors import EngineMismatchError
+from workers.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -161,17 +162,13 @@ def build_engine(shard_dir: Path | str, engines_root: Path | str, *, force: bool
     env = environment()
     specs = kernel_specs(sm["model_config"], sm["tp_size"], sm["dtype"])
     key = build_key(sm, env, sources_hash(specs))
-    root = Path(engines_root)
-    target = root / f"{key[:24]}"
+    target = Path(engines_root) / f"{key[:24]}"
     existing = None if force else read_engine_manifest(target) if target.is_dir() else None
     if existing is not None and existing.get("build_key") == key:
         say(f"engine up to date: {target}")
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{key[:24]}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / KERNELS).mkdir(parents=True)
-    try:
+    with atomic_dir(target) as tmp:
+        (tmp / KERNELS).mkdir()
         _link_tree(shard_dir, tmp)
         t_compile = time.perf_counter()
         kernels = {}
@@ -195,12 +192,6 @@ def build_engine(shard_dir: Path | str, engines_root: Path | str, *, force: bool
                     "pp_rank": sm["pp_rank"], "dtype": sm["dtype"], "kernels": kernels, "tuning": TUNING_FILE,
                     "build_seconds": round(time.perf_counter() - t0, 3)}
         (tmp / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _nvrtc.register_prebuilt(target / KERNELS)
     say(f"engine built in {time.perf_counter() - t0:.1f} s: {target}")
     return target
