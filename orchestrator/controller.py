@@ -43,7 +43,8 @@ def _convert_task(spec: dict) -> dict:
     root = shards_root(store, spec["model_dir"])
     dirs = convert_checkpoint(spec["model_dir"], root, spec["tp"], spec["pp"], spec["dtype"],
                               quantization=spec["quantization"])
-    return {"store": str(store), "shards": [str(Path(d).relative_to(store)) for d in dirs]}
+    return {"store": str(store), "shards": [str(Path(d).relative_to(store)) for d in dirs],
+            "converted": len(dirs.converted), "seconds": dirs.seconds}
 
 
 @ray.remote(num_cpus=0)
@@ -232,7 +233,9 @@ class Controller:
             out = ray.get(_convert_task.options(scheduling_strategy=_on_node(s.convert_node_id)).remote(s.to_dict()))
         except Exception as e:  # noqa: BLE001
             raise PhaseError("convert", _cause(e), node=s.convert_node) from None
-        self._event(s.name, "convert", f"{len(out['shards'])} shards ready on node {s.convert_node}")
+        done = (f"converted {out['converted']} in {out['seconds']:.1f} s" if out["converted"]
+                else "all up to date, nothing converted")
+        self._event(s.name, "convert", f"{len(out['shards'])} shards ready on node {s.convert_node} ({done})")
         return out
 
     def _distribute(self, d: Deployment, conv: dict) -> None:
