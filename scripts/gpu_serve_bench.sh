@@ -13,7 +13,10 @@ GRID1=${GRID1:-128/128}; CONC1=${CONC1:-1,8,64,256}
 GRID2=${GRID2:-2048/128}; CONC2=${CONC2:-1,8,64}     # 256 x 2176 tokens of KV do not fit 80 GB
 export ORCH_HOME=${ORCH_HOME:-/tmp/orch-home}
 t0=$SECONDS
-step() { echo "=== [$((SECONDS - t0)) s] $*"; }
+step() {  # results so far go to $OUT at every step: a run cut short still returns them
+  cp benchmarks/results/"$NAME"*.json benchmarks/results/"$NAME"*.png "$OUT"/ 2>/dev/null
+  echo "=== [$((SECONDS - t0)) s] $*"
+}
 
 if [ -z "${SKIP_SMOKE:-}" ]; then
   step "orch smoke (tiny model through Ray, checked against the CPU reference)"
@@ -53,5 +56,4 @@ timeout 600 python3 benchmarks/bench_serving.py client --endpoint "$endpoint" --
 step "orch status / delete"
 orch status 2>&1 | tail -8
 orch delete "$TOPO" 2>&1 | tail -2
-cp benchmarks/results/"$NAME"*.json benchmarks/results/"$NAME"*.png "$OUT"/ 2>/dev/null
 step "done"
