@@ -56,8 +56,8 @@ def start_embedded_head() -> str:
     address = f"127.0.0.1:{port}"
     home = orch_home()
     home.mkdir(parents=True, exist_ok=True)
-    ray_bin = Path(sys.executable).with_name("ray")
-    cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block", f"--port={port}",
+    # the ray CLI through this interpreter: works where Ray is importable but its script is not on PATH
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
            "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
            f"--num-cpus={max(os.cpu_count() or 1, 4)}"]
     log.info("starting an embedded local Ray head at %s", address)

@@ -24,9 +24,6 @@ if [ -z "${SKIP_SMOKE:-}" ]; then
 fi
 
 model=$(python3 -c "from orchestrator.topology import load_topology as l; print(l('$TOPO').model.path)")
-shards=$(python3 -c "
-from orchestrator.topology import load_topology as l; from workers.convert import shards_root
-t = l('$TOPO'); print(shards_root(t.build.artifacts, t.model.path) / 'tp1-pp1')")
 serve=$(python3 -c "
 from orchestrator.topology import load_topology as l; s = l('$TOPO').serve
 t = l('$TOPO'); print(f'--device {\"cpu\" if t.device == \"cpu\" else \"cuda\"} --max-num-seqs {s.max_num_seqs} --max-seq-len {s.max_seq_len} --max-num-batched-tokens '
@@ -38,13 +35,18 @@ if [ ! -f "$model/config.json" ]; then
 import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from bench_convert import write_checkpoint
 print(write_checkpoint(Path('$model'), 32) / 1e9, 'GB')"; fi
 fi
+shards=$(python3 -c "
+from orchestrator.topology import load_topology as l; from workers.convert import shards_root
+t = l('$TOPO'); print(shards_root(t.build.artifacts, t.model.path) / 'tp1-pp1')")
 step "orch convert $TOPO"
 timeout 300 orch convert "$TOPO" 2>&1 | tail -3
+if [ -z "${SKIP_ENGINE:-}" ]; then
 step "engine alone (the baseline): $GRID1 @ $CONC1, $GRID2 @ $CONC2"
 timeout 600 python3 benchmarks/bench_serving.py engine --shards "$shards" --name "$NAME-engine" \
   --grid "$GRID1" --concurrency "$CONC1" $serve 2>&1 | tail -8
 timeout 600 python3 benchmarks/bench_serving.py engine --shards "$shards" --name "$NAME-engine" --merge \
   --grid "$GRID2" --concurrency "$CONC2" $serve 2>&1 | tail -8
+fi
 step "orch apply $TOPO"
 timeout 600 orch apply "$TOPO" 2>&1 | tail -12 | tee "$OUT/apply.log"
 endpoint=$(tail -1 "$OUT/apply.log")
