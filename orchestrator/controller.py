@@ -41,8 +41,13 @@ def _convert_task(spec: dict) -> dict:
 
     store = node_store(spec["artifacts"])
     root = shards_root(store, spec["model_dir"])
+    controller = ray.get_actor(CONTROLLER_NAME)
+
+    def on_shard(path: Path, done: int, total: int) -> None:
+        controller.post_event.remote(spec["name"], "convert", f"shard {path.name} written ({done}/{total})")
+
     dirs = convert_checkpoint(spec["model_dir"], root, spec["tp"], spec["pp"], spec["dtype"],
-                              quantization=spec["quantization"])
+                              quantization=spec["quantization"], on_shard=on_shard)
     return {"store": str(store), "shards": [str(Path(d).relative_to(store)) for d in dirs],
             "converted": len(dirs.converted), "seconds": dirs.seconds}
 
@@ -122,6 +127,10 @@ class Controller:
     def _event(self, name: str, phase: str, msg: str, **extra) -> None:
         self.events.append({"seq": len(self.events), "time": time.time(), "deployment": name,
                             "phase": phase, "msg": msg, **extra})
+
+    def post_event(self, name: str, phase: str, msg: str) -> None:
+        """Progress reported by a task of this controller (e.g. each converted shard)."""
+        self._event(name, phase, msg)
 
     def events_since(self, seq: int) -> list[dict]:
         return self.events[seq:]

@@ -76,7 +76,7 @@ def served_tokens(endpoint: str) -> list[int]:
 def test_apply_serves_the_reference_tokens(deployment):
     r = deployment["result"]
     assert r["ok"] and r["changed"] and r["actions"] == ["convert", "serve"]
-    assert "convert" in deployment["first"].stderr and "serving at" in deployment["first"].stderr
+    assert "shard rank-0-0 written (1/1)" in deployment["first"].stderr and "serving at" in deployment["first"].stderr
     assert served_tokens(r["endpoint"]) == deployment["ref"]
 
 
@@ -104,8 +104,10 @@ def test_serve_change_restarts_serving_only_and_parallelism_change_reconverts(de
     r = json.loads(orch(env, "apply", str(topology("serve-change", max_num_seqs=4)), "--json").stdout)
     assert r["ok"] and r["actions"] == ["serve"]
     assert served_tokens(r["endpoint"]) == deployment["ref"]
-    r = json.loads(orch(env, "apply", str(topology("tp2", tp=2)), "--json").stdout)
+    out = orch(env, "apply", str(topology("tp2", tp=2)), "--json")
+    r = json.loads(out.stdout)
     assert r["ok"] and r["actions"] == ["convert", "serve"]
+    assert "(1/2)" in out.stderr and "(2/2)" in out.stderr  # progress per shard
     st = json.loads(orch(env, "status", "--json").stdout)["ctl-test"]
     assert st["tp"] == 2 and len(st["ranks"]) == 2
     assert served_tokens(r["endpoint"]) == deployment["ref"]

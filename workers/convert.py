@@ -566,12 +566,14 @@ def _check_space(root: Path, need: int) -> None:
 
 def convert_checkpoint(model_dir: Path | str, out_root: Path | str, tp: int, pp: int, dtype: str = "float32",
                        progress: bool = False, *, quantization: str = "none", force: bool = False,
-                       verify: bool = False, hash_cache: Path | None = None) -> ConvertResult:
+                       verify: bool = False, hash_cache: Path | None = None,
+                       on_shard: Callable[[Path, int, int], None] | None = None) -> ConvertResult:
     """Write every (tp_rank, pp_rank) shard of checkpoint model_dir under out_root; skip current ones.
 
     force: reconvert even valid shards. verify: re-hash existing shards instead of the cheap check.
     hash_cache: where source sha256s are cached (default: .source-hashes.json beside out_root, which is
-    <artifacts>/shards/.source-hashes.json for out_root = shards_root(artifacts, model_dir))."""
+    <artifacts>/shards/.source-hashes.json for out_root = shards_root(artifacts, model_dir)).
+    on_shard(shard_dir, done, total): called after each shard this run writes (progress for callers)."""
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_dir)
     cfg = ckpt.config
@@ -602,9 +604,11 @@ def convert_checkpoint(model_dir: Path | str, out_root: Path | str, tp: int, pp:
                  len(todo), len(plans), tp, pp, dtype_name(target_dtype), need / 1e6, layout)
         n_tensors = sum(len(plans[i].tensors) for i in todo)
         with _Progress(progress, n_tensors, sum(plans[i].data_bytes for i in todo)) as bar:
-            for i in todo:
+            for n, i in enumerate(todo, 1):
                 _write_shard(dirs[i], ckpt, plans[i], heads[i], transform, bar)
                 log.debug("wrote %s", dirs[i])
+                if on_shard is not None:
+                    on_shard(dirs[i], n, len(todo))
     dt = time.perf_counter() - t0
     log.info("converted %d shards (%.1f MB) in %.1f s", len(todo), need / 1e6, dt)
     return ConvertResult(dirs, [dirs[i] for i in todo], reused, dt, need)
