@@ -128,6 +128,9 @@ class Controller:
         self.events.append({"seq": len(self.events), "time": time.time(), "deployment": name,
                             "phase": phase, "msg": msg, **extra})
 
+    def version(self) -> str:
+        return code_version()
+
     def post_event(self, name: str, phase: str, msg: str) -> None:
         """Progress reported by a task of this controller (e.g. each converted shard)."""
         self._event(name, phase, msg)
@@ -368,11 +371,30 @@ def _cause(e: Exception) -> str:
     return f"{type(cause).__name__}: {cause}"
 
 
+def code_version() -> str:
+    """Fingerprint of the control-plane code a controller runs (a detached actor outlives upgrades)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for mod in ("controller.py", "deploy_spec.py"):
+        h.update((Path(__file__).with_name(mod)).read_bytes())
+    h.update((Path(__file__).parents[1] / "workers" / "rank.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
 def get_controller(create: bool = True):
-    """The detached named controller actor (created on first use)."""
-    if create:
-        return Controller.options(name=CONTROLLER_NAME, lifetime="detached", get_if_exists=True).remote()
+    """The detached named controller actor (created on first use). One left by other orch code is
+    replaced when it holds nothing; with deployments it is kept, and a warning says to re-apply."""
     try:
-        return ray.get_actor(CONTROLLER_NAME)
+        ctl = ray.get_actor(CONTROLLER_NAME)
     except ValueError:
-        return None
+        ctl = None
+    if ctl is not None and ray.get(ctl.version.remote()) != code_version():
+        if not ray.get(ctl.status.remote()):
+            ray.kill(ctl)
+            ctl = None
+        else:
+            log.warning("the controller runs other orch code than this CLI; `orch delete` and re-apply to upgrade it")
+    if ctl is None and create:
+        ctl = Controller.options(name=CONTROLLER_NAME, lifetime="detached", get_if_exists=True).remote()
+    return ctl
