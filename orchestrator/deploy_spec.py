@@ -87,7 +87,11 @@ def spec_from_topology(topo, plan, nodes: list[dict]) -> DeploymentSpec:
                               pin))
     conv = mapping.get(plan.convert_node) or next(iter(mapping.values()))
     serve = topo.serve.model_dump(mode="json")
-    serve.update(num_kv_blocks=plan.num_kv_blocks, block_size=plan.block_size, metrics_port=plan.metrics_port,
+    # the plan's KV capacity, but no more blocks than max_num_seqs full-length sequences can use
+    # (as `orch serve` sizes it): a tiny model on a big GPU must not allocate millions of blocks
+    useful = topo.serve.max_num_seqs * -(-topo.serve.max_seq_len // plan.block_size) + 1
+    serve.update(num_kv_blocks=min(plan.num_kv_blocks, useful), block_size=plan.block_size,
+                 metrics_port=plan.metrics_port,
                  max_num_batched_tokens=plan.max_num_batched_tokens)
     return DeploymentSpec(
         name=topo.name, model_dir=str(topo.model.path), dtype=topo.model.dtype,
