@@ -89,7 +89,9 @@ def spec_from_topology(topo, plan, nodes: list[dict]) -> DeploymentSpec:
     serve = topo.serve.model_dump(mode="json")
     # the plan's KV capacity, but no more blocks than max_num_seqs full-length sequences can use
     # (as `orch serve` sizes it): a tiny model on a big GPU must not allocate millions of blocks
-    useful = topo.serve.max_num_seqs * -(-topo.serve.max_seq_len // plan.block_size) + 1
+    from workers.block_manager import blocks_for_sequences
+
+    useful = blocks_for_sequences(topo.serve.max_num_seqs, topo.serve.max_seq_len, plan.block_size)
     serve.update(num_kv_blocks=min(plan.num_kv_blocks, useful), block_size=plan.block_size,
                  metrics_port=plan.metrics_port,
                  max_num_batched_tokens=plan.max_num_batched_tokens)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from workers.fsutil import atomic_dir
+from workers.fsutil import atomic_dir, sha256_file
 
 CHUNK_BYTES = 16 << 20
 
@@ -22,14 +22,6 @@ class FileEntry:
     path: str
     size: int
     sha256: str
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def list_files(root: Path | str) -> list[dict]:

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from workers.sequence import Sequence
 
 
+def blocks_for_sequences(max_num_seqs: int, max_seq_len: int, block_size: int) -> int:
+    """KV blocks that max_num_seqs sequences of max_seq_len tokens can use at once (+1 spare):
+    more would be allocated and never used."""
+    return max_num_seqs * -(-max_seq_len // block_size) + 1
+
+
 @dataclass
 class Block:
     """One physical KV block: who uses it, and (once full and computed) what it holds."""

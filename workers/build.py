@@ -84,14 +84,13 @@ def mismatch_message(engine_dir: Path | str, pinned: dict[str, Any], current: di
 
 def kernel_specs(model_config: dict, tp: int, dtype: str) -> list[Any]:
     """The kernel variants a shard of this model runs (module specs of workers.kernels._nvrtc)."""
-    import torch
-
+    from workers.convert import TORCH_DTYPES
     from workers.kernels._nvrtc import spec
     from workers.layout import local_heads
     from workers.models.config import ModelConfig
 
     cfg = ModelConfig.from_dict(model_config)
-    dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    dt = TORCH_DTYPES[dtype]
     q, kv = local_heads(cfg, tp, 0)
     specs = [spec("rms_norm", dt), spec("silu_mul", dt), spec("rope_cache", dt),
              *(spec("gemv", dt, ROWS=r) for r in (1, 2, 4))]

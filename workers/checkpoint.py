@@ -8,7 +8,6 @@ memory map, opening the file per call so that no more than the requested slice s
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import CheckpointError
+from workers import fsutil
 from workers.layout import required_sources, source_shape
 from workers.models.config import ModelConfig, load_model_config
 
@@ -193,17 +193,11 @@ def read_rows(info: TensorInfo, index: tuple[slice, ...]):
 # --- source hashes ------------------------------------------------------------------------------
 
 def sha256_file(path: Path) -> str:
-    """sha256 hex digest of a file, read in 8 MiB chunks."""
-    h = hashlib.sha256()
-    buf = bytearray(HASH_READ_BYTES)
-    view = memoryview(buf)
+    """sha256 hex digest of a source file, read in 8 MiB chunks; unreadable -> CheckpointError."""
     try:
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
+        return fsutil.sha256_file(path, HASH_READ_BYTES)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    return h.hexdigest()
 
 
 def hash_sources(files: list[Path], cache_path: Path | None = None) -> dict[str, str]:

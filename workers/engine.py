@@ -17,7 +17,7 @@ import torch
 
 from orchestrator.errors import CheckpointError
 from workers.backends import get_backend
-from workers.convert import read_shard_manifest
+from workers.convert import TORCH_DTYPES, read_shard_manifest
 from workers.dist import DistContext
 from workers.layout import local_heads, stage_layers
 from workers.models.config import ModelConfig
@@ -25,7 +25,6 @@ from workers.models.llama import ForwardBatch, LlamaStage
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -62,7 +61,7 @@ def kv_block_bytes_for(cfg: ModelConfig, tp: int, pp: int, block_size: int, dtyp
     """Bytes of one KV block (K and V, all layers) on the rank holding the most layers."""
     layers = max(stop - start for start, stop in stage_layers(cfg.num_layers, pp))
     n_kv = len(local_heads(cfg, tp, 0)[1])
-    return 2 * layers * block_size * n_kv * cfg.head_dim * _DTYPES[dtype].itemsize
+    return 2 * layers * block_size * n_kv * cfg.head_dim * TORCH_DTYPES[dtype].itemsize
 
 
 def memory_budget_bytes(device: str | torch.device, kv_cache_fraction: float) -> int:
@@ -123,7 +122,7 @@ class Engine:
             raise CheckpointError(f"{self.rank_dir}/manifest.json: shard is tp_size/pp_size/tp_rank/pp_rank="
                                   f"{got}, this rank needs {(tp, pp, tp_rank, pp_rank)}")
         self.model_config = ModelConfig.from_dict(manifest["model_config"])
-        self.dtype = _DTYPES[manifest["dtype"]]
+        self.dtype = TORCH_DTYPES[manifest["dtype"]]
         self.device = torch.device(device)
         self.block_size, self.num_kv_blocks = block_size, num_kv_blocks
         self.tp, self.pp = tp, pp

@@ -1,6 +1,7 @@
 """Atomic directory writes: build beside the target, rename into place, leave nothing on failure."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -25,3 +26,14 @@ def atomic_dir(target: Path | str, mode: int = 0o755) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_file(path: Path | str, chunk_bytes: int = 8 << 20) -> str:
+    """sha256 hex digest of a file, read in chunks into one reused buffer (OSError on failure)."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk_bytes)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()

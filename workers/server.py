@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from orchestrator.errors import CheckpointError, RuntimeFailure
 from protos.kserve import grpc_predict_v2_pb2
 from protos.orch.v1 import orch_pb2, orch_pb2_grpc
+from workers.block_manager import blocks_for_sequences
 from workers.dist import free_port  # noqa: F401 - re-exported for callers of the server
 from workers.metrics import ServerMetrics
 from workers.sampling import SamplingParams
@@ -107,8 +108,8 @@ def _size_kv_cache(cfg: ServerConfig, layout: Path, tp: int, pp: int) -> tuple[i
         budget = int(total * cfg.kv_cache_fraction) - (total - free) - weights - (1 << 30)  # 1 GiB for activations
     else:
         budget = memory_budget_bytes("cpu", cfg.kv_cache_fraction)
-    useful = cfg.max_num_seqs * -(-cfg.max_seq_len // cfg.block_size) + 1
-    n = min(num_kv_blocks_for_budget(budget, block_bytes), useful)
+    n = min(num_kv_blocks_for_budget(budget, block_bytes),
+            blocks_for_sequences(cfg.max_num_seqs, cfg.max_seq_len, cfg.block_size))
     if n < 1:
         raise CheckpointError(f"{layout}: no memory left for the KV cache (kv_cache_fraction "
                               f"{cfg.kv_cache_fraction}); raise it or set num_kv_blocks")

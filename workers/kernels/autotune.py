@@ -113,11 +113,12 @@ def tune_attention(nh: int, nkv: int, hd: int, dtype: torch.dtype, batches: tupl
 def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
     """The tuning table for a shard on the current GPU."""
     from workers.build import TUNE_BATCHES, TUNE_CONTEXTS
+    from workers.convert import TORCH_DTYPES
     from workers.layout import local_heads
     from workers.models.config import ModelConfig
 
     cfg = ModelConfig.from_dict(shard_manifest["model_config"])
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[shard_manifest["dtype"]]
+    dtype = TORCH_DTYPES[shard_manifest["dtype"]]
     q, kv = local_heads(cfg, shard_manifest["tp_size"], shard_manifest["tp_rank"])
     t = Tuning()
     t.gemv_max_m, t.gemv_rows = tune_gemv(linear_shapes(shard_manifest["model_config"],
