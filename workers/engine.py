@@ -64,16 +64,16 @@ def kv_block_bytes_for(cfg: ModelConfig, tp: int, pp: int, block_size: int, dtyp
     return 2 * layers * block_size * n_kv * cfg.head_dim * TORCH_DTYPES[dtype].itemsize
 
 
-def memory_budget_bytes(device: str | torch.device, kv_cache_fraction: float) -> int:
-    """kv_cache_fraction of the memory free now on `device` (GPU: after weights are loaded)."""
+def memory_budget_bytes(device: str | torch.device, kv_cache_fraction: float, weights_bytes: int = 0) -> int:
+    """Bytes the KV cache may take. GPU: kv_cache_fraction of the card's total, less what is in use
+    now, the weights still to load and 1 GiB for activations. CPU: the fraction of available RAM."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-    else:
-        import psutil
+        free, total = torch.cuda.mem_get_info(dev)
+        return int(total * kv_cache_fraction) - (total - free) - weights_bytes - (1 << 30)
+    import psutil
 
-        free = psutil.virtual_memory().available
-    return int(free * kv_cache_fraction)
+    return int(psutil.virtual_memory().available * kv_cache_fraction)
 
 
 def num_kv_blocks_for_budget(budget_bytes: int, block_bytes: int) -> int:

@@ -100,14 +100,9 @@ def _size_kv_cache(cfg: ServerConfig, layout: Path, tp: int, pp: int) -> tuple[i
         return cfg.num_kv_blocks, manifest
     mc = ModelConfig.from_dict(manifest["model_config"])
     block_bytes = kv_block_bytes_for(mc, tp, pp, cfg.block_size, manifest["dtype"])
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        free, total = torch.cuda.mem_get_info()
-        weights = max(p.stat().st_size for p in layout.glob("**/model.safetensors"))
-        budget = int(total * cfg.kv_cache_fraction) - (total - free) - weights - (1 << 30)  # 1 GiB for activations
-    else:
-        budget = memory_budget_bytes("cpu", cfg.kv_cache_fraction)
+    weights = (max(p.stat().st_size for p in layout.glob("**/model.safetensors"))
+               if cfg.device.startswith("cuda") else 0)
+    budget = memory_budget_bytes(cfg.device, cfg.kv_cache_fraction, weights)
     n = min(num_kv_blocks_for_budget(budget, block_bytes),
             blocks_for_sequences(cfg.max_num_seqs, cfg.max_seq_len, cfg.block_size))
     if n < 1:
