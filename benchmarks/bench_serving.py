@@ -217,6 +217,12 @@ def bench_endpoint(args: argparse.Namespace, endpoint: str, out_dir: Path) -> tu
     return metrics, pngs
 
 
+def engine_metrics(path: Path) -> dict[str, float]:
+    """The engine-alone throughputs of a results file written by the `engine` mode."""
+    return {k: v for k, v in json.loads(path.read_text())["metrics"].items()
+            if k.endswith("engine_output_throughput_tok_per_s")}
+
+
 def add_ratios(metrics: dict[str, float]) -> None:
     """served / engine output throughput wherever both were measured."""
     for k in list(metrics):
@@ -269,6 +275,10 @@ def main() -> None:
     sub = ap.add_subparsers(dest="mode", required=True)
     modes = {"run": "baseline, then serve and bench", "engine": "engine baseline only",
              "client": "bench a running --endpoint"}
+    r = sub.add_parser("ratios", help="merge --engine-results into <name>.json and recompute served/engine ratios")
+    r.add_argument("--name", required=True)
+    r.add_argument("--engine-results", required=True)
+    r.add_argument("--results-dir", default=str(RESULTS))
     for mode, help_ in modes.items():
         p = sub.add_parser(mode, help=help_)
         p.add_argument("--name", required=True, help="results file name (benchmarks/results/<name>.json)")
@@ -309,11 +319,21 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
 
+    if args.mode == "ratios":
+        out = Path(args.results_dir) / f"{args.name}.json"
+        doc = json.loads(out.read_text())
+        add_ratios(merged := {**doc["metrics"], **engine_metrics(Path(args.engine_results))})
+        doc["metrics"] = dict(sorted(merged.items()))
+        doc["engine_results"] = Path(args.engine_results).name
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        for k, v in sorted(merged.items()):
+            if k.endswith("served_over_engine_ratio"):
+                print(f"{k}: {v:.3f}", file=sys.stderr)
+        return
     if args.mode == "client":
         metrics, _ = bench_endpoint(args, args.endpoint, Path(args.results_dir))
-        if args.engine_results:
-            metrics.update({k: v for k, v in json.loads(Path(args.engine_results).read_text())["metrics"].items()
-                            if k.endswith("engine_output_throughput_tok_per_s")})
+        if args.engine_results and Path(args.engine_results).is_file():
+            metrics.update(engine_metrics(Path(args.engine_results)))
         add_ratios(metrics)
         write_results(args, args.device_name or "unknown (see the server)", metrics)
         return

@@ -3,11 +3,14 @@
 # `orch apply configs/single-gpu.yaml` and benched with `orch bench` against the engine alone.
 #   scripts/gpu_serve_bench.sh            (GPU machine; results under $OUT and benchmarks/results/)
 # Env: TOPO (topology, default configs/single-gpu.yaml), GRID1/CONC1 and GRID2/CONC2 (bench points),
-#      MAKE_MODEL=8b|tiny (what to write at the topology's model.path), NAME (results name), SKIP_SMOKE=1.
+#      MAKE_MODEL=8b|tiny (what to write at the topology's model.path), NAME (results name), SKIP_SMOKE=1,
+#      SKIP_ENGINE=1 (no engine-alone baseline; it runs after the served bench, on the freed GPU),
+#      REQ_ARGS (request counts for both, e.g. "--min-requests 16 --warmup 8").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_serve_out}; mkdir -p "$OUT"
 TOPO=${TOPO:-configs/single-gpu.yaml}
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 NAME=${NAME:-serving-8b-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr 'A-Z' 'a-z' | cut -c1-20)}
 GRID1=${GRID1:-128/128}; CONC1=${CONC1:-1,8,64,256}
 GRID2=${GRID2:-2048/128}; CONC2=${CONC2:-1,8,64}     # 256 x 2176 tokens of KV do not fit 80 GB
@@ -40,22 +43,26 @@ from orchestrator.topology import load_topology as l; from workers.convert impor
 t = l('$TOPO'); print(shards_root(t.build.artifacts, t.model.path) / 'tp1-pp1')")
 step "orch convert $TOPO"
 timeout 300 orch convert "$TOPO" 2>&1 | tail -3
-if [ -z "${SKIP_ENGINE:-}" ]; then
-step "engine alone (the baseline): $GRID1 @ $CONC1, $GRID2 @ $CONC2"
-timeout 600 python3 benchmarks/bench_serving.py engine --shards "$shards" --name "$NAME-engine" \
-  --grid "$GRID1" --concurrency "$CONC1" $serve 2>&1 | tail -8
-timeout 600 python3 benchmarks/bench_serving.py engine --shards "$shards" --name "$NAME-engine" --merge \
-  --grid "$GRID2" --concurrency "$CONC2" $serve 2>&1 | tail -8
-fi
 step "orch apply $TOPO"
 timeout 600 orch apply "$TOPO" 2>&1 | tail -12 | tee "$OUT/apply.log"
 endpoint=$(tail -1 "$OUT/apply.log")
 step "orch bench against $endpoint"
 timeout 600 python3 benchmarks/bench_serving.py client --endpoint "$endpoint" --name "$NAME" \
-  --engine-results "benchmarks/results/$NAME-engine.json" --grid "$GRID1" --concurrency "$CONC1" 2>&1 | tail -12
+  --engine-results "benchmarks/results/$NAME-engine.json" --device-name "$GPU" --grid "$GRID1" --concurrency "$CONC1" ${REQ_ARGS:-} 2>&1 | tail -12
 timeout 600 python3 benchmarks/bench_serving.py client --endpoint "$endpoint" --name "$NAME" --merge \
-  --engine-results "benchmarks/results/$NAME-engine.json" --grid "$GRID2" --concurrency "$CONC2" 2>&1 | tail -12
+  --engine-results "benchmarks/results/$NAME-engine.json" --device-name "$GPU" --grid "$GRID2" --concurrency "$CONC2" ${REQ_ARGS:-} 2>&1 | tail -12
 step "orch status / delete"
 orch status 2>&1 | tail -8
 orch delete "$TOPO" 2>&1 | tail -2
+if [ -z "${SKIP_ENGINE:-}" ]; then
+step "engine alone (the baseline): $GRID1 @ $CONC1, $GRID2 @ $CONC2"
+timeout 600 python3 benchmarks/bench_serving.py engine --shards "$shards" --name "$NAME-engine" \
+  --grid "$GRID1" --concurrency "$CONC1" $serve ${REQ_ARGS:-} 2>&1 | tail -8
+timeout 600 python3 benchmarks/bench_serving.py engine --shards "$shards" --name "$NAME-engine" --merge \
+  --grid "$GRID2" --concurrency "$CONC2" $serve ${REQ_ARGS:-} 2>&1 | tail -8
+fi
+if [ -z "${SKIP_ENGINE:-}" ]; then
+  step "served/engine ratios"
+  python3 benchmarks/bench_serving.py ratios --name "$NAME" --engine-results "benchmarks/results/$NAME-engine.json" 2>&1 | tail -12
+fi
 step "done"
