@@ -28,9 +28,10 @@ def bench_gemv(out: dict) -> None:
         copies = max(2, (512 << 20) // (n * k * 2))
         ws = [torch.randn(n, k, device="cuda", dtype=dt) for _ in range(copies)]
         x1 = torch.randn(1, k, device="cuda", dtype=dt)
-        for rows in gemv.ROW_CHOICES:
-            ms = time_ms(lambda i, r=rows: gemv.gemv(x1, ws[i], rows=r), copies, reps=30)
-            out[f"gemv_{name}_m1_rows{rows}_gb_s"] = round(n * k * 2 / 1e9 / (ms / 1e3), 1)
+        for c in gemv.CHOICES:
+            ms = time_ms(lambda i, c=c: gemv.gemv(x1, ws[i], choice=c), copies, reps=30)
+            tag = f"rows{c[0]}_unroll{c[1]}_{'gpugrid' if c[2] else 'fullgrid'}"
+            out[f"gemv_{name}_m1_{tag}_gb_s"] = round(n * k * 2 / 1e9 / (ms / 1e3), 1)
         for m in (1, 2, 4, 8):
             x = torch.randn(m, k, device="cuda", dtype=dt)
             ours = time_ms(lambda i: gemv.gemv(x, ws[i]), copies, reps=30)

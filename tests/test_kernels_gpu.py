@@ -160,16 +160,56 @@ def test_paged_decode_attention_is_deterministic():
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (7, 24), (1027, 14336), (6144, 4096)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 2, 4])
-def test_gemv(dtype, M, N, K, bias, rows):
+@pytest.mark.parametrize("choice", [(1, 4, True), (1, 8, False), (2, 4, True), (2, 4, False), (4, 2, True)])
+def test_gemv(dtype, M, N, K, bias, choice):
     x = rnd(M, K, dtype=dtype)
     w = rnd(N, K, dtype=dtype, scale=K ** -0.5)
     b = rnd(N, dtype=dtype) if bias else None
     assert gemv_supported(x, w)
     poison()
-    y = gemv(x, w, b, rows=rows)
+    y = gemv(x, w, b, choice=choice)
     assert y.shape == (M, N)
     assert rel_err(y, ref.gemv(x.double(), w.double(), None if b is None else b.double())) < TOL[dtype]
+
+
+def _chain(x: torch.Tensor, w: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    """A long chain of dependent kernels: each reads what the one before wrote."""
+    h, res = rms_norm(x, w, 1e-5)
+    for wm in ws:
+        y = gemv(h, wm)
+        h, res = rms_norm(y, w, 1e-5, res)
+    return h
+
+
+def test_programmatic_dependent_launch_keeps_kernel_order():
+    """With PDL each kernel may start before the previous one ends; captured in a graph, a chain of 60
+    dependent kernels must still give exactly what the same launches give with PDL off."""
+    from workers.kernels import _nvrtc
+
+    cap = torch.cuda.get_device_capability()
+    x, w = rnd(4, 4096, dtype=torch.bfloat16), rnd(4096, dtype=torch.bfloat16, scale=0.5) + 1
+    ws = [rnd(4096, 4096, dtype=torch.bfloat16, scale=4096 ** -0.5) for _ in range(30)]
+    _nvrtc._pdl_enabled.cache_clear()
+    assert _nvrtc._pdl_enabled(torch.cuda.current_device()) == (cap[0] >= 9)
+    _chain(x, w, ws)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = _chain(x, w, ws)
+    results = []
+    for _ in range(3):
+        x.copy_(rnd(4, 4096, dtype=torch.bfloat16))
+        g.replay()
+        results.append((x.clone(), out.clone()))
+    import os
+    os.environ["ORCH_PDL"] = "0"
+    _nvrtc._pdl_enabled.cache_clear()
+    try:
+        assert not _nvrtc._pdl_enabled(torch.cuda.current_device())
+        for xi, got in results:
+            assert torch.equal(_chain(xi, w, ws), got)
+    finally:
+        del os.environ["ORCH_PDL"]
+        _nvrtc._pdl_enabled.cache_clear()
 
 
 def test_gemv_rejects_what_it_cannot_run():

@@ -162,8 +162,11 @@ class Scheduler:
             for seq, n in picked
         ])
 
-    def step(self, run: Callable[[StepInput], torch.Tensor]) -> list[SeqOutput]:
-        """Schedule, run one engine step, sample, apply stops; returns the outputs of this step."""
+    def step(self, run: Callable[[StepInput], torch.Tensor],
+             on_launched: Callable[[], None] | None = None) -> list[SeqOutput]:
+        """Schedule, run one engine step, sample, apply stops; returns the outputs of this step.
+        `on_launched` is called once the engine has queued the step's device work, before the wait
+        for its logits: host work done there overlaps the GPU's (e.g. handing out the last outputs)."""
         self.last_stats = StepStats()
         picked = self.schedule()
         if not picked:
@@ -172,6 +175,8 @@ class Scheduler:
         self.last_stats.num_chunks = len(picked)
         self.last_stats.num_tokens = sum(n for _, n in picked)
         logits = run(step)
+        if on_launched is not None:
+            on_launched()
         want = []
         for (seq, n), chunk in zip(picked, step.chunks):
             seq.num_computed_tokens += n

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -66,6 +68,7 @@ class GenerationRequest:
     skip_special_tokens: bool = True
 
 
+SWITCH_INTERVAL_S = 0.0005  # the process's GIL switch interval while an engine loop runs
 LONG_PROMPT_CHARS = 8192  # longer text prompts are tokenized off the event loop
 
 Sink = Callable[["SeqOutput | BaseException"], None]
@@ -97,6 +100,10 @@ class EngineLoop:
 
     # --- called from any thread ---
     def start(self) -> None:
+        # The engine thread shares the GIL with the RPC threads. Each time it gives the GIL up (every
+        # torch call, the wait for the GPU) a busy RPC thread may keep it for a whole switch interval
+        # (5 ms by default) before the engine gets it back: a shorter one bounds that stall.
+        sys.setswitchinterval(float(os.environ.get("ORCH_SWITCH_INTERVAL_S", SWITCH_INTERVAL_S)))
         self._thread.start()
 
     def submit(self, req: GenerationRequest, sink: Sink) -> int:
@@ -145,13 +152,18 @@ class EngineLoop:
                 return
 
     def _run(self) -> None:
+        # A step's outputs are handed to the RPC threads once the next step's GPU work is queued
+        # (on_launched), so that their Python work overlaps the GPU's instead of the engine's host
+        # work; with nothing more to run they go at once.
         while not self._stop:
+            if not self.scheduler.has_work():
+                self._flush()
             self._drain(block=not self.scheduler.has_work())
             self._update_gauges()
             if self._stop or not self.scheduler.has_work():
                 continue
             try:
-                outs = self.scheduler.step(self.run_step)
+                outs = self.scheduler.step(self.run_step, on_launched=self._flush)
             except Exception as e:  # the engine failed: fail every request, keep answering
                 log.exception("engine step failed")
                 self.healthy = False
@@ -159,7 +171,8 @@ class EngineLoop:
                 self._flush()
                 continue
             self._deliver(outs)
-            self._flush()
+            if not outs:  # nothing ran (e.g. no KV blocks free yet): nothing will call on_launched
+                self._flush()
         self._fail_all(RequestError("UNAVAILABLE", "server is shutting down"))
         self._flush()
 

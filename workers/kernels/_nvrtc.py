@@ -1,6 +1,7 @@
 """Compile kernel families with NVRTC for this GPU's architecture, cache the cubins, launch on torch's stream."""
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -151,8 +152,77 @@ class _Stream:
 
 
 def launch(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0) -> None:
-    """Launch on torch's current stream (so it joins torch's ordering and CUDA graph capture)."""
-    fn(grid, block, args, shared_mem, _Stream(torch.cuda.current_stream().cuda_stream))
+    """Launch on torch's current stream (so it joins torch's ordering and CUDA graph capture), with
+    programmatic dependent launch where the GPU has it (see _prelude.cu's pdl_start)."""
+    stream = torch.cuda.current_stream()
+    if _pdl_enabled(stream.device_index):
+        _launch_pdl(fn, grid, block, args, shared_mem, stream.cuda_stream)
+    else:
+        fn(grid, block, args, shared_mem, _Stream(stream.cuda_stream))
+
+
+# --- programmatic dependent launch through the driver's cuLaunchKernelEx ---------------------------------
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+class _LaunchAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
+
+
+_CTYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
+           np.float32: ctypes.c_float}
+
+
+@functools.lru_cache(maxsize=None)
+def _driver() -> Any:
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_attr() -> Any:
+    attr = _LaunchAttr()
+    attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value = (1).to_bytes(4, "little")   # programmaticStreamSerializationAllowed
+    return attr
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_enabled(device: int) -> bool:
+    """PDL on sm_90+ unless ORCH_PDL=0, when the driver has cuLaunchKernelEx."""
+    if os.environ.get("ORCH_PDL", "1") == "0" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        return hasattr(_driver(), "cuLaunchKernelEx")
+    except OSError:
+        return False
+
+
+def _launch_pdl(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int,
+                stream: int) -> None:
+    g, b = (*grid, 1, 1)[:3], (*block, 1, 1)[:3]
+    attr = _pdl_attr()
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, stream,
+                        ctypes.pointer(attr), 1)
+    vals = [_CTYPES[type(a)](a.item()) for a in args]
+    params = (ctypes.c_void_p * len(vals))(*(ctypes.addressof(v) for v in vals))
+    rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), fn.ptr, params, None)
+    if rc != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc} ({_error_name(rc)})")
+
+
+def _error_name(rc: int) -> str:
+    name = ctypes.c_char_p()
+    _driver().cuGetErrorName(rc, ctypes.byref(name))
+    return (name.value or b"?").decode()
 
 
 def ptr(t: torch.Tensor | None) -> np.uint64:

@@ -132,3 +132,23 @@ __device__ __forceinline__ float block_sum(float v, float* smem32) {
   v = lane < nwarps ? smem32[lane] : 0.f;
   return warp_sum(v);
 }
+
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and when launched without the attribute).
+// Every kernel calls pdl_start() before it reads anything an earlier kernel wrote or writes anything:
+// it lets the next kernel in the stream be scheduled now (its blocks park in their own pdl_wait until
+// this grid has finished and its writes are visible), then waits for the previous grid likewise.
+// Work on memory no kernel writes (weights) may go between pdl_trigger() and pdl_wait().
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_start() {
+  pdl_trigger();
+  pdl_wait();
+}

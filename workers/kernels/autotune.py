@@ -52,31 +52,32 @@ def linear_shapes(model_config: dict, tp: int, tp_rank: int = 0) -> dict[str, tu
             "down": (H, inter), "lm_head": (padded_vocab(cfg, tp) // tp, H)}
 
 
-def tune_gemv(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
-              max_m: int = _gemv.MAX_M) -> tuple[dict[str, int], dict[str, int]]:
-    """Per "NxK": (largest M up to which gemv beats cuBLAS, 0: never; gemv's best rows per warp)."""
-    limits, rows = {}, {}
+def tune_gemv(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, max_m: int = _gemv.MAX_M) -> dict[str, dict]:
+    """Per "NxK": {"max_m": largest M up to which gemv beats cuBLAS (0: never), "choice": gemv's fastest
+    (rows, unroll, gpu_grid) at M=1}."""
+    out = {}
     if dtype not in (torch.float16, torch.bfloat16):
-        return {f"{n}x{k}": 0 for n, k in shapes.values()}, {}
+        return {f"{n}x{k}": {"max_m": 0, "choice": None} for n, k in shapes.values()}
     for name, (n, k) in shapes.items():
         key = f"{n}x{k}"
         copies = max(2, min(8, L2_ROTATE_BYTES // (n * k * 2)))
         ws = [torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5 for _ in range(copies)]
         x1 = torch.randn(1, k, device="cuda", dtype=dtype)
-        per_rows = {r: time_ms(lambda i, r=r: _gemv.gemv(x1, ws[i], rows=r), copies) for r in _gemv.ROW_CHOICES}
-        rows[key] = min(per_rows, key=per_rows.get)
+        per = {c: time_ms(lambda i, c=c: _gemv.gemv(x1, ws[i], choice=c), copies) for c in _gemv.CHOICES}
+        choice = min(per, key=per.get)
+        log.info("gemv %s M=1: %s", name, {str(c): round(v, 4) for c, v in per.items()})
         best = 0
         for m in range(1, max_m + 1):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            ours = time_ms(lambda i: _gemv.gemv(x, ws[i], rows=rows[key]), copies)
+            ours = time_ms(lambda i: _gemv.gemv(x, ws[i], choice=choice), copies)
             theirs = time_ms(lambda i: F.linear(x, ws[i]), copies)
             log.debug("gemv %s M=%d: %.4f ms vs cuBLAS %.4f ms", name, m, ours, theirs)
             if ours > theirs:
                 break
             best = m
-        limits[key] = best
+        out[key] = {"max_m": best, "choice": choice}
         del ws
-    return limits, rows
+    return out
 
 
 def tune_attention(nh: int, nkv: int, hd: int, dtype: torch.dtype, batches: tuple[int, ...],
@@ -121,8 +122,11 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
     dtype = TORCH_DTYPES[shard_manifest["dtype"]]
     q, kv = local_heads(cfg, shard_manifest["tp_size"], shard_manifest["tp_rank"])
     t = Tuning()
-    t.gemv_max_m, t.gemv_rows = tune_gemv(linear_shapes(shard_manifest["model_config"],
-                                                        shard_manifest["tp_size"], shard_manifest["tp_rank"]), dtype)
+    shapes = linear_shapes(shard_manifest["model_config"], shard_manifest["tp_size"], shard_manifest["tp_rank"])
+    for key, r in tune_gemv(shapes, dtype).items():
+        t.gemv_max_m[key] = r["max_m"]
+        if r["choice"] is not None:
+            t.gemv_rows[key], t.gemv_unroll[key], t.gemv_gpu_grid[key] = r["choice"]
     probe_q = torch.empty(1, len(q), cfg.head_dim, dtype=dtype, device="cuda")
     probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
     if _attn.supported(probe_q, probe_k):

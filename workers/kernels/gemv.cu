@@ -2,13 +2,18 @@
 // Each warp owns ROWS consecutive output rows: its lanes stream those rows of W in 8-element (16-byte)
 // vectors, ROWS * UNROLL loads in flight per lane (marked no-L1-allocate: W is read once), and dot them
 // with the M rows of x (re-read from L1); fp32 accumulation. Needs K % 8 == 0 and 16-byte aligned rows.
-// Warps walk the row groups grid-stride (the grid is sized to the GPU, so no wave tail of short blocks).
+// Warps walk the row groups grid-stride; the launch sizes the grid (to what the GPU holds at once: no
+// wave tail of short blocks; or one row group per warp: the block scheduler balances), as tuned.
 // WARPS * 32 threads per block.
+// Before waiting for the previous kernel (PDL), each warp prefetches into L2 the weights of its first
+// iteration: weights are never written by a kernel, so this overlaps the previous kernel's tail.
 #ifndef ROWS
 #define ROWS 2
 #endif
 #define WARPS 4
-#define UNROLL (8 / ROWS)
+#ifndef UNROLL
+#define UNROLL (8 / ROWS)   // 16-byte loads in flight per lane and row
+#endif
 
 __device__ __forceinline__ void load8_stream(const scalar_t* p, float* f) {
 #if DTYPE == 0
@@ -28,6 +33,18 @@ __device__ __forceinline__ void gemv_body(const scalar_t* __restrict__ x, long l
   const int lane = threadIdx.x & 31;
   const long long stride = (long long)gridDim.x * WARPS * ROWS;
   const int K8 = K >> 3;
+  pdl_trigger();
+  {
+    const long long n0 = ((long long)blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int c = lane + u * 32;
+        if (c < K8 && n0 + r < N) asm volatile("prefetch.global.L2 [%0];" :: "l"(W + (n0 + r) * K + c * 8));
+      }
+  }
+  pdl_wait();
   for (long long n0 = ((long long)blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS; n0 < N; n0 += stride) {
     float acc[ROWS][M];
 #pragma unroll

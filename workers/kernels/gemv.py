@@ -10,7 +10,10 @@ from workers.kernels._nvrtc import aligned, function, i32, i64, launch, ptr, spe
 
 MAX_M = 8
 WARPS = 4
-ROW_CHOICES = (1, 2, 4)
+# (output rows per warp, 16-byte loads in flight per lane and row), grid (True: sized to the GPU, grid-
+# stride; False: one row group per warp): the launch choices the build times for each weight shape.
+VARIANTS = ((1, 4), (1, 8), (2, 4), (4, 2))
+CHOICES = tuple((r, u, g) for r, u in VARIANTS for g in (True, False))
 
 
 REGS_PER_SM = 65536
@@ -31,16 +34,19 @@ def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.is_contiguous() and x.dtype == w.dtype and aligned(x, w))
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
-    """x[M,K] @ w[N,K]^T (+ bias[N]) -> [M,N], for M <= MAX_M (check `supported` first); `rows` output
-    rows per warp (default: the tuning table's)."""
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+         choice: tuple[int, int, bool] | None = None) -> torch.Tensor:
+    """x[M,K] @ w[N,K]^T (+ bias[N]) -> [M,N], for M <= MAX_M (check `supported` first); `choice`
+    (rows per warp, loads in flight per lane and row, GPU-sized grid) defaults to the tuning table's."""
     M, K = x.shape
     N = w.shape[0]
-    rows = rows or tuning.CURRENT.rows_for(N, K)
+    rows, unroll, gpu_grid = choice or tuning.CURRENT.gemv_choice(N, K)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    fn = function(spec("gemv", x.dtype, ROWS=rows), f"gemv_m{M}")
+    fn = function(spec("gemv", x.dtype, ROWS=rows, UNROLL=unroll), f"gemv_m{M}")
     per_block = WARPS * rows
-    blocks = min((N + per_block - 1) // per_block, _max_blocks(fn, x.device))
+    blocks = (N + per_block - 1) // per_block
+    if gpu_grid:
+        blocks = min(blocks, _max_blocks(fn, x.device))
     launch(fn, (blocks,), (WARPS * 32,),
            (ptr(x), i64(x.stride(0)), ptr(w), ptr(None if bias is None else bias.contiguous()), ptr(y),
             i32(N), i32(K)))

@@ -30,6 +30,7 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
              float* __restrict__ part_ml, int nkv, int block_size, float scale_log2, int window, int min_split) {
   __shared__ float sm_acc[NSUB][GROUP][HD];
   __shared__ float sm_m[NSUB][GROUP], sm_l[NSUB][GROUP];
+  pdl_start();
   const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, ns = gridDim.z;
   const int nh = nkv * GROUP;
   const int tid = threadIdx.x, sub = tid / TPT, lane = tid % TPT;
@@ -145,6 +146,7 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
 extern "C" __global__ void paged_decode_combine(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                                 const int* __restrict__ context_lens, scalar_t* __restrict__ out,
                                                 int nh, int ns, int window, int min_split) {
+  pdl_start();
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   const int ctx = context_lens[b];
   const int lo = window > 0 ? max(0, ctx - window) : 0;

@@ -6,6 +6,7 @@ extern "C" __global__ void rms_norm(const scalar_t* __restrict__ x, const scalar
                                     const scalar_t* __restrict__ w, scalar_t* __restrict__ out,
                                     scalar_t* __restrict__ res_out, int H, float eps, int has_res, int vec) {
   __shared__ float red[32];
+  pdl_start();
   const long long row = blockIdx.x;
   const scalar_t* xr = x + row * H;
   const scalar_t* rr = residual + row * H;

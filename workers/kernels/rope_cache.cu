@@ -9,6 +9,7 @@ extern "C" __global__ void rope_cache_write(scalar_t* __restrict__ q, scalar_t* 
                                             scalar_t* __restrict__ k_cache, scalar_t* __restrict__ v_cache,
                                             const long long* __restrict__ slots, int nh, int nkv, int hd,
                                             long long q_stride, long long k_stride, long long v_stride) {
+  pdl_start();
   const long long t = blockIdx.x;
   const int half = hd >> 1;
   const long long pos = positions[t];

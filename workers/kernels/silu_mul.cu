@@ -5,6 +5,7 @@ __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); 
 
 extern "C" __global__ void silu_mul(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int I,
                                     long long x_stride, int vec) {
+  pdl_start();
   const long long t = blockIdx.y;
   const scalar_t* g = x + t * x_stride;
   const scalar_t* u = g + I;

@@ -16,6 +16,8 @@ class Tuning:
     default_gemv_max_m: int = 4
     gemv_rows: dict[str, int] = field(default_factory=dict)           # "NxK" -> output rows per warp
     default_gemv_rows: int = 2
+    gemv_unroll: dict[str, int] = field(default_factory=dict)         # "NxK" -> loads in flight per lane/row
+    gemv_gpu_grid: dict[str, bool] = field(default_factory=dict)      # "NxK" -> grid sized to the GPU
 
     def splits_for(self, batch: int, nkv: int) -> int:
         """Splits of the decode attention for `batch` sequences (tuned, else enough blocks for 2 waves)."""
@@ -30,9 +32,11 @@ class Tuning:
         """Largest M for which an x[M,k] @ w[n,k]^T runs on gemv."""
         return self.gemv_max_m.get(f"{n}x{k}", self.default_gemv_max_m)
 
-    def rows_for(self, n: int, k: int) -> int:
-        """Output rows per warp of gemv for an [n,k] weight."""
-        return self.gemv_rows.get(f"{n}x{k}", self.default_gemv_rows)
+    def gemv_choice(self, n: int, k: int) -> tuple[int, int, bool]:
+        """gemv's launch for an [n,k] weight: (rows per warp, loads in flight per lane and row, GPU-sized grid)."""
+        key = f"{n}x{k}"
+        rows = self.gemv_rows.get(key, self.default_gemv_rows)
+        return rows, self.gemv_unroll.get(key, 8 // rows), self.gemv_gpu_grid.get(key, True)
 
     def to_dict(self) -> dict:
         """JSON-ready form (integer keys become strings)."""
@@ -48,7 +52,9 @@ class Tuning:
                    gemv_max_m={str(k): int(v) for k, v in d.get("gemv_max_m", {}).items()},
                    default_gemv_max_m=int(d.get("default_gemv_max_m", 4)),
                    gemv_rows={str(k): int(v) for k, v in d.get("gemv_rows", {}).items()},
-                   default_gemv_rows=int(d.get("default_gemv_rows", 2)))
+                   default_gemv_rows=int(d.get("default_gemv_rows", 2)),
+                   gemv_unroll={str(k): int(v) for k, v in d.get("gemv_unroll", {}).items()},
+                   gemv_gpu_grid={str(k): bool(v) for k, v in d.get("gemv_gpu_grid", {}).items()})
 
 
 CURRENT = Tuning()

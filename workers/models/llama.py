@@ -79,19 +79,23 @@ class LlamaStage:
         ops, hd, nd, T = self.ops, self.cfg.head_dim, b.num_decode, b.num_tokens
         qkv = ops.linear(x, self.w[p + "self_attn.qkv_proj.weight"], self.w.get(p + "self_attn.qkv_proj.bias"))
         q, k, v = qkv.split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
-        q = q.reshape(T, self.n_heads, hd).contiguous()
-        k = k.reshape(T, self.n_kv, hd).contiguous()
-        v = v.reshape(T, self.n_kv, hd).contiguous()
+        # views into the qkv rows (token stride = qkv width): rope rotates them in place
+        q, k, v = (t.view(T, -1, hd) for t in (q, k, v))
         ops.rope_and_cache_write(q, k, v, b.positions, self.cos, self.sin, k_cache, v_cache, b.slot_mapping)
         window = self.cfg.sliding_window
-        out = torch.empty_like(q)
-        if nd:
+        if nd == T:    # all decode (or empty): the attention output is the step's, no copy
+            out = ops.paged_decode_attention(q, k_cache, v_cache, b.decode_block_tables, b.decode_context_lens,
+                                             self.scale, window)
+        elif nd == 0:  # all prefill
+            out = ops.prefill_attention(q, k_cache, v_cache, b.prefill_cu_seqlens, b.prefill_context_lens,
+                                        b.prefill_block_tables, self.scale, window)
+        else:
+            out = torch.empty(T, self.n_heads, hd, dtype=q.dtype, device=q.device)
             out[:nd] = ops.paged_decode_attention(q[:nd], k_cache, v_cache, b.decode_block_tables,
                                                   b.decode_context_lens, self.scale, window)
-        if T > nd:
             out[nd:] = ops.prefill_attention(q[nd:], k_cache, v_cache, b.prefill_cu_seqlens,
                                              b.prefill_context_lens, b.prefill_block_tables, self.scale, window)
-        o = ops.linear(out.view(T, self.n_heads * hd), self.w[p + "self_attn.o_proj.weight"])
+        o = ops.linear(out.reshape(T, self.n_heads * hd), self.w[p + "self_attn.o_proj.weight"])
         return ops.all_reduce(o, self.tp_group)
 
     def logits(self, stream: torch.Tensor) -> torch.Tensor:
