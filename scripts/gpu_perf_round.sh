@@ -36,7 +36,7 @@ if [ -n "${SERVE:-}" ]; then
     sleep "${PYSPY_DELAY:-25}"; [ -n "$pid" ] && py-spy record --pid "$pid" --duration 15 --threads --nonblocking \
       --format raw -o "$OUT/pyspy_serve.txt" >/dev/null 2>&1 ) &
   timeout 360 python3 benchmarks/bench_serving.py run --shards /tmp/bench_decode/shard --name "serve_$NAME" \
-    --results-dir "$OUT" --grid 128/128 --concurrency 64,256 --min-requests 16 --warmup 8 --max-seq-len 4096 \
+    --results-dir "$OUT" --grid 128/128 --concurrency ${SERVE_CONC:-64,256} --min-requests 16 --warmup 8 --max-seq-len 4096 \
     --kv-cache-fraction 0.9 2>&1 | grep -v "^starting" | tail -14
   wait
   [ -f "$OUT/pyspy_serve.txt" ] && python3 benchmarks/pyspy_summary.py "$OUT/pyspy_serve.txt" | tail -40

@@ -192,7 +192,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise RequestError("INVALID_ARGUMENT", "input 'text_input' (BYTES, one element) is required")
             params, stream, exclude = params_from_inputs(inputs)
         except RequestError:
-            self.serving.metrics.requests.labels("rejected").inc()
+            self.serving.loop.count_rejected()
             raise
         prompt = texts[0].decode("utf-8", "replace")
         req = await self.serving.prepare_async(model=request.model_name, prompt=prompt, params=params,

@@ -1,7 +1,8 @@
 """The gRPC server of one model: orch.v1, KServe v2, grpc.health.v1, reflection and Prometheus metrics.
 
-`Server` owns the engine thread and a grpc.aio server; `run_server` blocks (for `orch serve`),
-`ServerThread` runs one in the background (tests, embedding).
+`Server` owns the engine thread and starts the gRPC front end (`Frontend`) in a child process
+(workers/frontend.py); `run_server` blocks (for `orch serve`), `ServerThread` runs one in the
+background (tests, embedding).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from workers.metrics import ServerMetrics
 from workers.sampling import SamplingParams
 from workers.scheduler import SeqOutput
 from workers.sequence import FinishReason
+from workers.frontend import EngineBridge, frontend_main
 from workers.serving import EngineLoop, ModelInfo, RequestError, Serving, make_scheduler
 from workers.tokenizer import Tokenizer
 
@@ -259,8 +261,79 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+class Frontend:
+    """The gRPC server (orch.v1, KServe v2, health, reflection) over a Serving; it runs in the front-end
+    process (workers/frontend.py), where `loop` is the pipe to the engine loop."""
+
+    def __init__(self, cfg: ServerConfig, info: ModelInfo, loop: Any, tokenizer: Tokenizer | None) -> None:
+        self.cfg, self.info, self.loop = cfg, info, loop
+        self.serving = Serving(info, loop, tokenizer)
+        self.port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._watch: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Bind and start serving; RuntimeFailure when the port cannot be had."""
+        from workers.kserve import KServeServicer
+        from protos.kserve import grpc_predict_v2_pb2_grpc
+
+        opts = [("grpc.max_receive_message_length", self.cfg.max_message_bytes),
+                ("grpc.max_send_message_length", self.cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0)]  # a second server on a busy port fails instead of sharing it
+        server = self._grpc = grpc.aio.server(options=opts)
+        orch_pb2_grpc.add_OrchServiceServicer_to_server(OrchServicer(self.serving), server)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.serving), server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [ORCH_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server,
+            pool=_reflection_pool())
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        try:
+            if self.cfg.tls_cert and self.cfg.tls_key:
+                creds = grpc.ssl_server_credentials([(self.cfg.tls_key.read_bytes(), self.cfg.tls_cert.read_bytes())])
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
+            if not self.port:
+                raise RuntimeError("bind failed")
+            await server.start()
+        except (RuntimeError, OSError) as e:
+            await self.stop(grace=0)
+            raise RuntimeFailure(f"cannot listen on {address} ({e}); is another server using it?") from None
+        await self._set_health(True)
+        self._watch = asyncio.create_task(self._watch_engine())
+
+    async def _set_health(self, ok: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", ORCH_SERVICE, KSERVE_SERVICE):
+            await self._health.set(name, status)
+
+    async def _watch_engine(self) -> None:
+        healthy = True
+        while True:
+            await asyncio.sleep(0.5)
+            if self.loop.healthy != healthy:
+                healthy = self.loop.healthy
+                await self._set_health(healthy)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop taking requests and end the streams."""
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._health is not None and self.port:
+            await self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+
+
+FRONTEND_START_TIMEOUT_S = 120.0
+
+
 class Server:
-    """One model's engine thread and gRPC server."""
+    """One model: the engine loop in this process, its gRPC front end in a child process (so that the
+    per-token RPC work does not share this process's GIL with the engine thread)."""
 
     def __init__(self, cfg: ServerConfig, engine: Any = None, info: ModelInfo | None = None,
                  tokenizer: Tokenizer | None = None) -> None:
@@ -277,76 +350,49 @@ class Server:
         self.info = info
         self.metrics = ServerMetrics()
         self.loop = EngineLoop(make_scheduler(info, cfg.enable_prefix_caching), engine.step, tokenizer, self.metrics)
-        self.serving = Serving(info, self.loop, tokenizer)
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self._grpc: grpc.aio.Server | None = None
-        self._health: health.aio.HealthServicer | None = None
-        self._watch: asyncio.Task | None = None
+        self._frontend: Any = None      # the front-end process
+        self._bridge: EngineBridge | None = None
 
     async def start(self) -> None:
-        """Start the engine thread, the gRPC server and the metrics exporter."""
-        from workers.kserve import KServeServicer
-        from protos.kserve import grpc_predict_v2_pb2_grpc
-
+        """Start the engine thread, the front-end process (which binds the gRPC port) and the metrics exporter."""
         self.loop.start()
-        opts = [("grpc.max_receive_message_length", self.cfg.max_message_bytes),
-                ("grpc.max_send_message_length", self.cfg.max_message_bytes),
-                ("grpc.so_reuseport", 0)]  # a second server on a busy port fails instead of sharing it
-        server = self._grpc = grpc.aio.server(options=opts)
-        orch_pb2_grpc.add_OrchServiceServicer_to_server(OrchServicer(self.serving), server)
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.serving), server)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [ORCH_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server,
-            pool=_reflection_pool())
+        ctx = multiprocessing.get_context("spawn")
+        conn, child = ctx.Pipe()
+        self._frontend = ctx.Process(target=frontend_main, args=(self.cfg, self.info, child), name="orch-frontend",
+                                     daemon=True)
+        self._frontend.start()
+        child.close()
+        msg = await asyncio.get_running_loop().run_in_executor(None, _first_message, conn, self._frontend)
         try:
-            address = f"{self.cfg.host}:{self.cfg.port}"
-            if self.cfg.tls_cert and self.cfg.tls_key:
-                creds = grpc.ssl_server_credentials([(self.cfg.tls_key.read_bytes(), self.cfg.tls_cert.read_bytes())])
-                self.port = server.add_secure_port(address, creds)
-            else:
-                self.port = server.add_insecure_port(address)
-            if not self.port:
-                raise RuntimeError("bind failed")
-            await server.start()
+            if msg[0] != "ready":
+                raise RuntimeFailure(msg[1])
+            self.port = msg[1]
+            self._bridge = EngineBridge(self.loop, conn)
+            self._bridge.start()
             if self.cfg.metrics_port is not None:
-                self.metrics_port = self.metrics.serve_http(self.cfg.metrics_port, self.cfg.host)
-        except (RuntimeError, OSError) as e:
+                try:
+                    self.metrics_port = self.metrics.serve_http(self.cfg.metrics_port, self.cfg.host)
+                except OSError as e:
+                    raise RuntimeFailure(f"cannot listen on metrics port {self.cfg.metrics_port} ({e}); "
+                                         "is another server using it?") from None
+        except RuntimeFailure:
             await self.stop(grace=0)
-            where = f"{self.cfg.host}:{self.cfg.port}" if not self.port else f"metrics port {self.cfg.metrics_port}"
-            raise RuntimeFailure(f"cannot listen on {where} ({e}); is another server using it?") from None
-        await self._set_health(True)
-        self._watch = asyncio.create_task(self._watch_engine())
+            raise
         log.info("serving %s on %s:%d (metrics: %s)", self.info.name, self.cfg.host, self.port,
                  self.metrics_port if self.metrics_port else "off")
 
-    async def _set_health(self, ok: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", ORCH_SERVICE, KSERVE_SERVICE):
-            await self._health.set(name, status)
-
-    async def _watch_engine(self) -> None:
-        healthy = True
-        while True:
-            await asyncio.sleep(0.5)
-            if self.loop.healthy != healthy:
-                healthy = self.loop.healthy
-                await self._set_health(healthy)
-
-    async def wait(self) -> None:
-        await self._grpc.wait_for_termination()
-
     async def stop(self, grace: float = 2.0) -> None:
-        """Stop taking requests, end streams, stop the engine thread and the other ranks."""
-        if self._watch is not None:
-            self._watch.cancel()
-        if self._health is not None and self.port:
-            await self._health.enter_graceful_shutdown()
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
-        await asyncio.get_running_loop().run_in_executor(None, self.loop.stop)
+        """Stop the front end (ending its streams), the engine thread and the other ranks."""
+        aio = asyncio.get_running_loop()
+        if self._bridge is not None:
+            self._bridge.send(("stop", grace))
+        if self._frontend is not None:
+            await aio.run_in_executor(None, self._frontend.join, grace + 15)
+            if self._frontend.is_alive():
+                self._frontend.kill()
+        await aio.run_in_executor(None, self.loop.stop)
         self.metrics.close()
         shutdown = getattr(self.engine, "shutdown", None)
         if shutdown is not None:
@@ -355,6 +401,22 @@ class Server:
             p.join(10)
             if p.is_alive():
                 p.kill()
+
+
+def _first_message(conn: Any, proc: Any) -> tuple:
+    """The front end's ("ready", port) or ("error", message), or an error if it dies or hangs first."""
+    waited = 0.0
+    while not conn.poll(0.5):
+        waited += 0.5
+        if not proc.is_alive():
+            return ("error", f"the gRPC front-end process exited (status {proc.exitcode}) before it was ready")
+        if waited > FRONTEND_START_TIMEOUT_S:
+            proc.kill()
+            return ("error", f"the gRPC front-end process was not ready after {FRONTEND_START_TIMEOUT_S:.0f} s")
+    try:
+        return conn.recv()
+    except EOFError:
+        return ("error", "the gRPC front-end process closed its pipe before it was ready")
 
 
 def run_server(cfg: ServerConfig) -> None:

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import torch
 
@@ -37,6 +37,9 @@ class RequestError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+    def __reduce__(self):  # pickles with its code (it crosses the pipe to the front-end process)
+        return (RequestError, (self.code, str(self)))
 
 
 @dataclass
@@ -106,9 +109,10 @@ class EngineLoop:
         sys.setswitchinterval(float(os.environ.get("ORCH_SWITCH_INTERVAL_S", SWITCH_INTERVAL_S)))
         self._thread.start()
 
-    def submit(self, req: GenerationRequest, sink: Sink) -> int:
-        """Queue a request; returns its sequence id (for abort)."""
-        seq = Sequence(next(self._ids), list(req.prompt_token_ids), req.params)
+    def submit(self, req: GenerationRequest, sink: Sink, seq_id: int | None = None) -> int:
+        """Queue a request; returns its sequence id (for abort): `seq_id`, or a fresh one. One caller
+        either always passes ids (a front end's own) or never."""
+        seq = Sequence(next(self._ids) if seq_id is None else seq_id, list(req.prompt_token_ids), req.params)
         if req.want_text and self.tokenizer is not None:
             seq.detokenizer = self.tokenizer.detokenizer(req.prompt_token_ids, req.skip_special_tokens)
         self._inbox.put(("add", seq, sink))
@@ -117,6 +121,10 @@ class EngineLoop:
     def abort(self, seq_id: int) -> None:
         """Cancel a sequence; its blocks are freed before the next step."""
         self._inbox.put(("abort", seq_id, None))
+
+    def count_rejected(self) -> None:
+        """Count a request refused before it reached the engine."""
+        self.metrics.requests.labels("rejected").inc()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the current step, abort what is left and end the thread."""
@@ -261,11 +269,12 @@ def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
 class Serving:
     """Validates requests and streams their outputs to asyncio code (one per server)."""
 
-    def __init__(self, info: ModelInfo, loop: EngineLoop, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, info: ModelInfo, loop: "EngineLoop | Any", tokenizer: Tokenizer | None) -> None:
+        """`loop`: the EngineLoop, or anything with its submit / abort / count_rejected / healthy /
+        flush_hooks (the front end's pipe to it, workers/frontend.py)."""
         self.info = info
         self.loop = loop
         self.tokenizer = tokenizer
-        self.metrics = loop.metrics
         self._dispatch: dict[asyncio.AbstractEventLoop, _AioDispatch] = {}
 
     # --- validation ---
@@ -287,7 +296,7 @@ class Serving:
         try:
             return self._prepare(model, prompt, prompt_token_ids, params, request_id, want_text, skip_special_tokens)
         except RequestError:
-            self.metrics.requests.labels("rejected").inc()
+            self.loop.count_rejected()
             raise
 
     async def prepare_async(self, **kw) -> GenerationRequest:
