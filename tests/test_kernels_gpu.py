@@ -137,7 +137,7 @@ def _paged_case(dtype, B, nh, nkv, hd, bs, max_ctx, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,nh,nkv,hd,bs,max_ctx", [
     (3, 32, 8, 128, 16, 700), (5, 4, 2, 16, 4, 70), (2, 8, 1, 64, 5, 1500), (4, 8, 8, 128, 16, 40),
-    (1, 64, 8, 128, 16, 5000)])
+    (1, 64, 8, 128, 16, 5000), (2, 8, 2, 64, 1, 2500)])  # block size 1: a split of > 1024 blocks
 @pytest.mark.parametrize("splits", [None, 1, 3, 16])
 @pytest.mark.parametrize("window", [None, 37])
 def test_paged_decode_attention(dtype, B, nh, nkv, hd, bs, max_ctx, splits, window):
