@@ -13,7 +13,6 @@
 #define GROUP 4
 #endif
 #define NTHREADS 128
-#define BT_SMEM 1024   // block-table entries a split stages in shared memory
 #define TPT (HD / 8)
 #define NSUB (NTHREADS / TPT)
 #ifndef UNROLL
@@ -31,7 +30,6 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
              float* __restrict__ part_ml, int nkv, int block_size, float scale_log2, int window, int min_split) {
   __shared__ float sm_acc[NSUB][GROUP][HD];
   __shared__ float sm_m[NSUB][GROUP], sm_l[NSUB][GROUP];
-  __shared__ int sm_bt[BT_SMEM];
   pdl_start();
   const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, ns = gridDim.z;
   const int nh = nkv * GROUP;
@@ -42,16 +40,6 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
   const int start = lo + split * split_len;
   if (ns > 1 && start >= ctx) return;
   const int end = min(ctx, start + split_len);
-  // the split's block-table entries, staged in shared memory once (each key's slot is then one shared
-  // read instead of a dependent global read per iteration); splits spanning more blocks read them directly
-  const int first_blk = start / block_size;
-  const int nblk = end > start ? (end - 1) / block_size - first_blk + 1 : 0;
-  const bool bt_staged = nblk <= BT_SMEM;
-  const int* bt = block_tables + (long long)b * maxb;
-  if (bt_staged) {
-    for (int i = tid; i < nblk; i += NTHREADS) sm_bt[i] = bt[first_blk + i];
-  }
-  __syncthreads();
 
   float qr[GROUP][8];
 #pragma unroll
@@ -68,6 +56,7 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
   }
+  const int* bt = block_tables + (long long)b * maxb;
   const long long tok_stride = (long long)nkv * HD;
   const long long head_off = (long long)kvh * HD + lane * 8;
 
@@ -79,8 +68,7 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
     for (int u = 0; u < UNROLL; ++u) {
       const int t = base + u * NSUB + sub;
       ok[u] = t < end;
-      const int blk = t / block_size;
-      slot[u] = ok[u] ? (long long)(bt_staged ? sm_bt[blk - first_blk] : bt[blk]) * block_size + t % block_size : 0;
+      slot[u] = ok[u] ? (long long)bt[t / block_size] * block_size + t % block_size : 0;
     }
     raw8 kr[UNROLL], vr[UNROLL];
 #pragma unroll

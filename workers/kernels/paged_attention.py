@@ -10,7 +10,6 @@ from workers.kernels._nvrtc import f32, function, i32, i64, launch, ptr, spec
 
 THREADS = 128
 SMEM_LIMIT = 48 * 1024
-BT_SMEM = 1024   # as in paged_attention.cu
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -21,7 +20,7 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     if hd % 8 or tpt > 32 or tpt & (tpt - 1) or nh % nkv or not k_cache.is_contiguous():
         return False
     nsub = THREADS // tpt
-    return nsub * (nh // nkv) * (hd + 2) * 4 + BT_SMEM * 4 <= SMEM_LIMIT
+    return nsub * (nh // nkv) * (hd + 2) * 4 <= SMEM_LIMIT
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
