@@ -53,24 +53,6 @@ def test_fp32_greedy_tokens_equal_cpu_reference(shard_dirs, name, graphs):
         assert eng.decode_graphs.graphs, "decode steps did not run under CUDA graphs"
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_mixed_steps_split_into_graph_and_eager_equal_cpu_reference(shard_dirs, name, monkeypatch):
-    """ORCH_SPLIT_MIXED=1: a step mixing decodes and prefill chunks runs its decodes through the graph
-    and the chunks eagerly; tokens and logits (in chunk order) still match the CPU reference."""
-    monkeypatch.setenv("ORCH_SPLIT_MIXED", "1")
-    shard = shard_dirs[(name, "float32")]
-    cpu = run_scenario(Engine(shard, device="cpu", num_kv_blocks=BLOCKS, block_size=BS), _vocab(shard))
-    eng = Engine(shard, device="cuda", num_kv_blocks=BLOCKS, block_size=BS)
-    split_steps = []
-    real = eng._split_mixed
-    eng._split_mixed = lambda chunks: split_steps.append(r := real(chunks)) or r
-    gpu = run_scenario(eng, _vocab(shard))
-    assert any(r is not None for r in split_steps), "the scenario had no mixed step"
-    assert gpu["generated"] == cpu["generated"]
-    for a, b in zip(gpu["logits"], cpu["logits"]):
-        assert ((a.cpu() - b).norm() / b.norm()).item() < 1e-4
-
-
 def _compare_until_divergence(gpu: dict, cpu: dict) -> tuple[float, int]:
     """Worst relative logits error over rows fed the same tokens (up to each sequence's first differing token)."""
     worst, rows = 0.0, 0

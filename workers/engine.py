@@ -9,7 +9,6 @@ tp rank 0 sends each micro-batch's logits to the driver.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Any
@@ -253,39 +252,8 @@ class Engine:
 
     def _execute(self, step: StepInput) -> torch.Tensor | None:
         """This rank's share of a step; the driver gets the logits, other ranks None."""
-        graphs = self.decode_graphs
-        if graphs is not None and graphs.can_run(step.chunks):
-            return graphs.run(step.chunks)
-        if graphs is not None and os.environ.get("ORCH_SPLIT_MIXED") == "1":
-            split = self._split_mixed(step.chunks)
-            if split is not None:
-                return split
-        return self._eager(step)
-
-    def _split_mixed(self, chunks: list[SeqChunk]) -> torch.Tensor | None:
-        """A step of decodes and prefill chunks as two passes: the decodes through their CUDA graph, the
-        prefill chunks eagerly; logits back in chunk order. None when the decodes do not fit a graph."""
-        dec = [c for c in chunks if len(c.token_ids) == 1]
-        rest = [c for c in chunks if len(c.token_ids) > 1]
-        if not dec or not rest or not self.decode_graphs.can_run(dec):
-            return None
-        dl = self.decode_graphs.run(dec)
-        rl = self._eager(StepInput(rest))
-        order, i, j = [], 0, len([c for c in dec if c.want_logits])
-        for c in chunks:
-            if not c.want_logits:
-                continue
-            if len(c.token_ids) == 1:
-                order.append(i)
-                i += 1
-            else:
-                order.append(j)
-                j += 1
-        both = torch.cat([dl, rl])
-        return both[torch.tensor(order, dtype=torch.int64, device=both.device)]
-
-    def _eager(self, step: StepInput) -> torch.Tensor | None:
-        """A step run op by op (prefill, mixed, TP/PP, CPU)."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(step.chunks):
+            return self.decode_graphs.run(step.chunks)
         d, H = self.dist, self.model_config.hidden_size
         first, last = self.model.first, self.model.last
         pending: list[Any] = []   # (work, tensor) pairs of isends still in flight
