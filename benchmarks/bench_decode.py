@@ -207,6 +207,57 @@ def profile_step(engine, batch: int, path: Path) -> None:
     log.info("profile of a batch-%d decode step:\n%s", batch, table)
 
 
+def bench_mixed(engine, out_dir: Path, batches=(64, 240), ctx: int = 192, reps: int = 8) -> dict:
+    """Wall ms of one engine step: B decodes alone (CUDA graph), B decodes + prefill chunks of 128 tokens
+    (1 or 14 chunks: what a serving step admits; these run eagerly), and the prefill chunks alone.
+    Writes a per-kernel profile of the largest mixed step to out_dir/profile_mixed.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from workers.engine import SeqChunk, StepInput
+
+    g = torch.Generator().manual_seed(1)
+    vocab = engine.model_config.vocab_size
+    per_seq = -(-(ctx + 256) // BLOCK_SIZE)
+    out: dict = {}
+    for b in batches:
+        n_pre = 14
+        if (b + n_pre) * per_seq > engine.num_kv_blocks:
+            continue
+        table = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(b + n_pre)]
+        tok = torch.randint(0, vocab, (b + n_pre, ctx), generator=g).tolist()
+        for i in range(0, b, 16):   # fill the decodes' context
+            engine.step(StepInput([SeqChunk(j, tok[j], 0, table[j], True) for j in range(i, min(b, i + 16))]))
+        decodes = [SeqChunk(j, [tok[j][-1]], ctx, table[j]) for j in range(b)]
+        prefills = [SeqChunk(b + k, tok[b + k][:128], 0, table[b + k]) for k in range(n_pre)]
+
+        def wall(chunks) -> float:
+            engine.step(StepInput(chunks)).argmax(-1).tolist()   # warm (captures a graph if it is one)
+            torch.cuda.synchronize()
+            t = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                engine.step(StepInput(chunks)).argmax(-1).tolist()
+                t.append(time.perf_counter() - t0)
+            return round(1e3 * sorted(t)[len(t) // 2], 3)
+
+        out[f"mixed_bs{b}_decode_only_ms"] = wall(decodes)
+        out[f"mixed_bs{b}_decode_plus_1x128_ms"] = wall(decodes + prefills[:1])
+        out[f"mixed_bs{b}_decode_plus_14x128_ms"] = wall(decodes + prefills)
+        out[f"mixed_prefill_1x128_ms"] = wall(prefills[:1])
+        out[f"mixed_prefill_14x128_ms"] = wall(prefills)
+        log.info("mixed steps, batch %d: %s", b, {k: v for k, v in out.items() if f"bs{b}_" in k or "prefill_" in k})
+        if b == max(batches):
+            engine.step(StepInput(decodes + prefills[:1]))
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                engine.step(StepInput(decodes + prefills[:1])).argmax(-1).tolist()
+                torch.cuda.synchronize()
+            table_txt = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+            (out_dir / "profile_mixed.txt").write_text(table_txt)
+            log.info("profile of a mixed step (batch %d + 1 x 128):\n%s", b, table_txt)
+    return out
+
+
 def bench_bs1(engine, copy_gbs: float, isl: int = 128, steps: int = 512) -> dict:
     """Batch-1 decode tokens/s (wall clock through engine.step) and the roofline ratio."""
     r = run_workload(engine, 1, isl, steps + 1, budget_s=120)
@@ -330,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         for b in (1, 64):
             run_workload(engine, b, 128, 4, budget_s=10)
             profile_step(engine, b, Path(args.out).parent / f"profile_bs{b}.txt")
+    if "mixed" in sections:
+        metrics.update(bench_mixed(engine, Path(args.out).parent))
     if "throughput" in sections:
         wl = [tuple(int(v) for v in s.split("/")) for s in args.workloads.split(",") if s]
         m, n = bench_throughput(engine, wl, [int(b) for b in args.batches.split(",")], args.budget_s)

@@ -2,10 +2,12 @@
 large GEMMs and torch's fused attention for prefill. Same signatures and semantics as backends/cpu.py."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from workers.backends import cpu as _ref
 from workers.kernels import gemv as _gemv
@@ -39,27 +41,53 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return _attn.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
 
 
-_memo: dict[int, tuple[torch.Tensor, Any]] = {}
+@dataclass
+class _Group:
+    """Chunks of one step with equal (length n, context ctx), batched into one attention call."""
+
+    n: int
+    ctx: int
+    rows: torch.Tensor | None       # [S*n] their token rows; None when they are all the step's rows, in order
+    slots: torch.Tensor             # [S, ctx] int64 cache slots of their keys
+    mask: torch.Tensor | None       # [n, ctx] visible keys; None = plain causal (n == ctx, no window)
 
 
-def _plan(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor) -> list[tuple]:
-    """Chunks grouped by (chunk length, context length), each group with its device index tensors:
-    [(n, ctx, seq_ids[S], token_rows[S*n])]. Remembered for the same tensor object: every layer of a
-    step passes the same ones, so the host sync happens once per step."""
+_memo: dict[int, tuple[torch.Tensor, tuple, list[_Group]]] = {}
+# Not cuDNN's attention: it plans per new shape on the host (milliseconds), and a serving step's chunk
+# shapes keep changing; a py-spy profile at 256 streams had a quarter of the engine thread in it.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _plan(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+          window: int | None) -> list[_Group]:
+    """The step's chunks grouped by (length, context), with every index tensor the attention needs.
+    Built once per step (one host sync) and reused by every layer: each layer passes the same tensors."""
+    key = (id(context_lens), id(block_tables), block_size, window)
     hit = _memo.get(id(cu_seqlens_q))
-    if hit is not None and hit[0] is cu_seqlens_q:
-        return hit[1]
+    if hit is not None and hit[0] is cu_seqlens_q and hit[1] == key:
+        return hit[2]
     cu, ctxs = cu_seqlens_q.tolist(), context_lens.tolist()
-    groups: dict[tuple[int, int], list[int]] = {}
+    by_shape: dict[tuple[int, int], list[int]] = {}
     for s, ctx in enumerate(ctxs):
-        groups.setdefault((cu[s + 1] - cu[s], ctx), []).append(s)
+        by_shape.setdefault((cu[s + 1] - cu[s], ctx), []).append(s)
     dev = cu_seqlens_q.device
-    plan = [(n, ctx, torch.tensor(ss, device=dev),
-             torch.tensor([r for s in ss for r in range(cu[s], cu[s + 1])], device=dev))
-            for (n, ctx), ss in groups.items()]
+    plan = []
+    for (n, ctx), seqs in by_shape.items():
+        k_pos = torch.arange(ctx, device=dev)
+        rows = [r for s in seqs for r in range(cu[s], cu[s + 1])]
+        slots = block_tables[torch.tensor(seqs, device=dev)][:, k_pos // block_size].long() * block_size \
+            + k_pos % block_size
+        mask = None
+        if n != ctx or window is not None:
+            q_pos = k_pos[ctx - n:]
+            mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+            if window is not None:
+                mask &= k_pos.unsqueeze(0) > q_pos.unsqueeze(1) - window
+        whole = len(by_shape) == 1 and rows == list(range(cu[-1]))
+        plan.append(_Group(n, ctx, None if whole else torch.tensor(rows, device=dev), slots, mask))
     if len(_memo) >= 8:
         _memo.clear()
-    _memo[id(cu_seqlens_q)] = (cu_seqlens_q, plan)
+    _memo[id(cu_seqlens_q)] = (cu_seqlens_q, key, plan)
     return plan
 
 
@@ -71,21 +99,21 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     T, nh, hd = q.shape
     nkv, bs = k_cache.shape[2], k_cache.shape[1]
     kf, vf = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
-    out = torch.empty_like(q)
-    for n, ctx, seqs, rows in _plan(cu_seqlens_q, context_lens, block_tables):
-        S = seqs.shape[0]
-        k_pos = torch.arange(ctx, device=q.device)
-        slots = block_tables[seqs][:, k_pos // bs].long() * bs + k_pos % bs           # [S, ctx]
-        k = kf[slots].permute(0, 2, 1, 3).repeat_interleave(nh // nkv, dim=1)          # [S, nh, ctx, hd]
-        v = vf[slots].permute(0, 2, 1, 3).repeat_interleave(nh // nkv, dim=1)
-        qs = q[rows].view(S, n, nh, hd).transpose(1, 2)                                 # [S, nh, n, hd]
-        if n == ctx and sliding_window is None:
-            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)
-        else:
-            q_pos = k_pos[ctx - n:]
-            mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
-            if sliding_window is not None:
-                mask &= k_pos.unsqueeze(0) > q_pos.unsqueeze(1) - sliding_window
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
-        out[rows] = o.transpose(1, 2).reshape(S * n, nh, hd)
-    return out
+    out = None
+    for g in _plan(cu_seqlens_q, context_lens, block_tables, bs, sliding_window):
+        S = g.slots.shape[0]
+        k, v = kf[g.slots], vf[g.slots]                                    # [S, ctx, nkv, hd]
+        if nkv != nh:   # GQA: each KV head serves nh // nkv query heads (one copy, no repeat_interleave)
+            k = k.unsqueeze(3).expand(S, g.ctx, nkv, nh // nkv, hd).reshape(S, g.ctx, nh, hd)
+            v = v.unsqueeze(3).expand(S, g.ctx, nkv, nh // nkv, hd).reshape(S, g.ctx, nh, hd)
+        qs = (q if g.rows is None else q[g.rows]).reshape(S, g.n, nh, hd).transpose(1, 2)  # [S, nh, n, hd]
+        with sdpa_kernel(_SDPA_BACKENDS):
+            o = F.scaled_dot_product_attention(qs, k.transpose(1, 2), v.transpose(1, 2), attn_mask=g.mask,
+                                               is_causal=g.mask is None, scale=scale)
+        o = o.transpose(1, 2).reshape(S * g.n, nh, hd)
+        if g.rows is None:
+            return o
+        if out is None:
+            out = torch.empty(T, nh, hd, dtype=q.dtype, device=q.device)
+        out[g.rows] = o
+    return out if out is not None else torch.empty(T, nh, hd, dtype=q.dtype, device=q.device)

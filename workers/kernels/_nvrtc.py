@@ -154,11 +154,18 @@ class _Stream:
 def launch(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0) -> None:
     """Launch on torch's current stream (so it joins torch's ordering and CUDA graph capture), with
     programmatic dependent launch where the GPU has it (see _prelude.cu's pdl_start)."""
-    stream = torch.cuda.current_stream()
-    if _pdl_enabled(stream.device_index):
-        _launch_pdl(fn, grid, block, args, shared_mem, stream.cuda_stream)
+    device, stream = _current_stream()
+    if _pdl_enabled(device):
+        _launch_pdl(fn, grid, block, args, shared_mem, stream)
     else:
-        fn(grid, block, args, shared_mem, _Stream(stream.cuda_stream))
+        fn(grid, block, args, shared_mem, _Stream(stream))
+
+
+def _current_stream() -> tuple[int, int]:
+    """(device index, raw handle of torch's current stream there): the cheap way, on every launch."""
+    device = torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return device, raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
 
 
 # --- programmatic dependent launch through the driver's cuLaunchKernelEx ---------------------------------
