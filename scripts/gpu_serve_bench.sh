@@ -5,7 +5,8 @@
 # Env: TOPO (topology, default configs/single-gpu.yaml), GRID1/CONC1 and GRID2/CONC2 (bench points),
 #      MAKE_MODEL=8b|tiny (what to write at the topology's model.path), NAME (results name), SKIP_SMOKE=1,
 #      SKIP_ENGINE=1 (no engine-alone baseline; it runs after the served bench, on the freed GPU),
-#      REQ_ARGS (request counts for both, e.g. "--min-requests 16 --warmup 8").
+#      REQ_ARGS (request counts for both, e.g. "--min-requests 16 --warmup 8"), GRID2= (empty: one grid only),
+#      PYSPY=1 (py-spy the rank actor and its front end during the bench; PYSPY_DELAY seconds in).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_serve_out}; mkdir -p "$OUT"
@@ -13,7 +14,7 @@ TOPO=${TOPO:-configs/single-gpu.yaml}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 NAME=${NAME:-serving-8b-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr 'A-Z' 'a-z' | cut -c1-20)}
 GRID1=${GRID1:-128/128}; CONC1=${CONC1:-1,8,64,256}
-GRID2=${GRID2:-2048/128}; CONC2=${CONC2:-1,8,64}     # 256 x 2176 tokens of KV do not fit 80 GB
+GRID2=${GRID2-2048/128}; CONC2=${CONC2:-1,8,64}     # 256 x 2176 tokens of KV do not fit 80 GB
 export ORCH_HOME=${ORCH_HOME:-/tmp/orch-home}
 t0=$SECONDS
 step() {  # results so far go to $OUT at every step: a run cut short still returns them
@@ -47,10 +48,19 @@ step "orch apply $TOPO"
 timeout 600 orch apply "$TOPO" 2>&1 | tail -12 | tee "$OUT/apply.log"
 endpoint=$(tail -1 "$OUT/apply.log")
 step "orch bench against $endpoint"
+if [ -n "${PYSPY:-}" ]; then   # py-spy the serving rank actor and its gRPC front end during the first points
+  ( sleep "${PYSPY_DELAY:-20}"
+    rank=$(pgrep -f "ray::RankActor" | head -1); front=$(pgrep -P "$rank" -f multiprocessing | head -1)
+    [ -n "$rank" ] && py-spy record --pid "$rank" --duration 12 --threads --nonblocking --format raw -o "$OUT/pyspy_rank.txt" >/dev/null 2>&1 &
+    [ -n "$front" ] && py-spy record --pid "$front" --duration 12 --threads --nonblocking --format raw -o "$OUT/pyspy_frontend.txt" >/dev/null 2>&1 &
+    wait ) &
+fi
 timeout 600 python3 benchmarks/bench_serving.py client --endpoint "$endpoint" --name "$NAME" \
   --engine-results "benchmarks/results/$NAME-engine.json" --device-name "$GPU" --grid "$GRID1" --concurrency "$CONC1" ${REQ_ARGS:-} 2>&1 | tail -12
-timeout 600 python3 benchmarks/bench_serving.py client --endpoint "$endpoint" --name "$NAME" --merge \
+[ -n "$GRID2" ] && timeout 600 python3 benchmarks/bench_serving.py client --endpoint "$endpoint" --name "$NAME" --merge \
   --engine-results "benchmarks/results/$NAME-engine.json" --device-name "$GPU" --grid "$GRID2" --concurrency "$CONC2" ${REQ_ARGS:-} 2>&1 | tail -12
+wait
+for f in "$OUT"/pyspy_rank.txt "$OUT"/pyspy_frontend.txt; do [ -f "$f" ] && python3 benchmarks/pyspy_summary.py "$f" --top 8; done
 step "orch status / delete"
 orch status 2>&1 | tail -8
 orch delete "$TOPO" 2>&1 | tail -2
