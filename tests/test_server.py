@@ -296,3 +296,28 @@ def test_a_second_server_on_a_busy_port_fails_clearly(server, shards):
 
     with pytest.raises(RuntimeFailure, match=f"cannot listen on 127.0.0.1:{server.port}"):
         start_server(shards, port=server.port, num_kv_blocks=8)
+
+
+def test_a_dead_front_end_marks_the_server_unhealthy_and_frees_its_sequences(shards):
+    """The gRPC front end is a child process: if it dies, the server says so (the controller's health
+    check reads this) and the engine drops the sequences nobody can read any more."""
+    srv = start_server(shards, num_kv_blocks=32)
+    try:
+        ch = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+        st = orch_pb2_grpc.OrchServiceStub(ch)
+        assert srv.healthy and len(st.Generate(greedy([5, 6], 3)).token_ids) == 3
+        stream = st.GenerateStream(orch_pb2.GenerateRequest(
+            prompt_token_ids=[5, 6, 7], sampling=orch_pb2.SamplingParams(max_tokens=500, ignore_eos=True)))
+        next(stream)                                   # a long request is running
+        srv.server._frontend.kill()
+        end = time.monotonic() + 10
+        while srv.healthy or srv.server.loop.scheduler.has_work():
+            assert time.monotonic() < end, "still healthy, or the orphaned sequence still runs"
+            time.sleep(0.05)
+        assert srv.server.loop.healthy                 # the engine itself is fine
+        m = scrape(srv.metrics_port)
+        assert m['orch_requests_total{outcome="cancelled"}'] == 1      # aborted, not run to its end
+        assert m['orch_requests_total{outcome="completed"}'] == 1      # the first request
+        ch.close()
+    finally:
+        srv.stop()

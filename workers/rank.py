@@ -92,7 +92,7 @@ class RankActor:
 
     def health(self) -> bool:
         if self.rank == 0:
-            return self.server is not None and self.server.server.loop.healthy
+            return self.server is not None and self.server.healthy
         return self.thread is not None and self.thread.is_alive() and self.error is None
 
     def stop(self) -> None:

@@ -383,6 +383,11 @@ class Server:
         log.info("serving %s on %s:%d (metrics: %s)", self.info.name, self.cfg.host, self.port,
                  self.metrics_port if self.metrics_port else "off")
 
+    @property
+    def healthy(self) -> bool:
+        """The engine steps without failing and the front-end process (the gRPC port) is alive."""
+        return self.loop.healthy and self._frontend is not None and self._frontend.is_alive()
+
     async def stop(self, grace: float = 2.0) -> None:
         """Stop the front end (ending its streams), the engine thread and the other ranks."""
         aio = asyncio.get_running_loop()
@@ -472,6 +477,10 @@ class ServerThread:
     @property
     def metrics_port(self) -> int | None:
         return self.server.metrics_port
+
+    @property
+    def healthy(self) -> bool:
+        return self.server is not None and self.server.healthy
 
     def stop(self) -> None:
         """Stop the server and its thread."""
