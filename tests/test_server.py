@@ -321,3 +321,31 @@ def test_a_dead_front_end_marks_the_server_unhealthy_and_frees_its_sequences(sha
         ch.close()
     finally:
         srv.stop()
+
+
+def test_ctrl_c_stops_orch_serve_and_its_front_end_cleanly(shards):
+    """Ctrl-C goes to the whole process group (the front-end process too): exit 0, no traceback, and the
+    port is closed afterwards."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from orchestrator.client import OrchClient
+    from workers.server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--shards", str(shards), "--port",
+                             str(port), "--num-kv-blocks", "32", "--device", "cpu", "--no-metrics"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        with OrchClient(f"127.0.0.1:{port}") as c:
+            c.wait_ready(60)
+            assert len(c.generate(prompt_ids=[5, 6], max_tokens=3, ignore_eos=True).token_ids) == 3
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in log, log
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0

@@ -176,8 +176,13 @@ class EngineClient:
 
 def frontend_main(cfg: Any, info: ModelInfo, conn: Connection) -> None:
     """Entry point of the front-end process: serve gRPC until the engine says stop or goes away."""
+    import signal
+
     from workers.server import Frontend, load_tokenizer
 
+    # Ctrl-C reaches the whole process group: the engine process handles it and stops this one
+    # through the pipe (an interrupted front end would only print tracebacks).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main() -> None:
