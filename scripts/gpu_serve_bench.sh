@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_serve_out}; mkdir -p "$OUT"
 TOPO=${TOPO:-configs/single-gpu.yaml}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-NAME=${NAME:-serving-8b-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr 'A-Z' 'a-z' | cut -c1-20)}
+NAME=${NAME:-serving-8b-$(echo "$GPU" | tr ' ' '-' | tr 'A-Z' 'a-z' | cut -c1-20)}
 GRID1=${GRID1:-128/128}; CONC1=${CONC1:-1,8,64,256}
 GRID2=${GRID2-2048/128}; CONC2=${CONC2:-1,8,64}     # 256 x 2176 tokens of KV do not fit 80 GB
 export ORCH_HOME=${ORCH_HOME:-/tmp/orch-home}

@@ -6,10 +6,10 @@ detokenization and the Prometheus metrics; the front end keeps the gRPC server (
 health, reflection) and request validation.
 
 Messages, pickled tuples over one duplex multiprocessing pipe:
-  front end -> engine: ("add", seq_id, GenerationRequest), ("abort", seq_id), ("rejected",)
-  engine -> front end: ("ready", port) or ("error", message) once at start-up (sent by the front end
-                       itself, the other way), ("out", [(seq_id, packed SeqOutput | RequestError)...])
-                       once per step, ("health", ok), ("stop", grace_s)
+  front end -> engine: ("ready", port) or ("error", message) once, at start-up; then ("add", seq_id,
+                       GenerationRequest), ("abort", seq_id), ("rejected",)
+  engine -> front end: ("out", [(seq_id, packed SeqOutput | RequestError)...]) once per step,
+                       ("health", ok), ("stop", grace_s)
 """
 from __future__ import annotations
 
@@ -23,7 +23,14 @@ from typing import Any, Callable
 from workers.scheduler import SeqOutput
 from workers.serving import EngineLoop, GenerationRequest, ModelInfo, RequestError, Sink
 
-log = logging.getLogger(__name__)
+def send_locked(conn: Connection, lock: threading.Lock, msg: tuple) -> bool:
+    """Send msg over the pipe (one sender at a time); False when the other process is gone."""
+    try:
+        with lock:
+            conn.send(msg)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def pack(o: SeqOutput) -> tuple:
@@ -49,7 +56,6 @@ class EngineBridge:
         self._healthy = loop.healthy
         self._send_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="frontend-bridge", daemon=True)
-        self.closed = threading.Event()   # the front end went away (its pipe end closed)
         loop.flush_hooks.append(self.flush)
 
     def start(self) -> None:
@@ -82,7 +88,6 @@ class EngineBridge:
                 self.loop.count_rejected()
         for seq_id in live:  # the front end is gone: nobody reads these any more
             self.loop.abort(seq_id)
-        self.closed.set()
 
     def flush(self) -> None:
         """Engine thread, after each round of sink calls: one message for the whole step."""
@@ -94,11 +99,7 @@ class EngineBridge:
             self.send(("out", batch))
 
     def send(self, msg: tuple) -> None:
-        try:
-            with self._send_lock:
-                self.conn.send(msg)
-        except (OSError, ValueError):  # the front end is gone
-            pass
+        send_locked(self.conn, self._send_lock, msg)   # False: the front end is gone, nothing to tell
 
 
 # --- front-end process ---------------------------------------------------------------------------------
@@ -134,10 +135,7 @@ class EngineClient:
         self._send(("rejected",))
 
     def _send(self, msg: tuple) -> None:
-        try:
-            with self._send_lock:
-                self.conn.send(msg)
-        except (OSError, ValueError):
+        if not send_locked(self.conn, self._send_lock, msg):
             self.healthy = False
 
     def _read(self) -> None:

@@ -103,9 +103,10 @@ class EngineLoop:
 
     # --- called from any thread ---
     def start(self) -> None:
-        # The engine thread shares the GIL with the RPC threads. Each time it gives the GIL up (every
-        # torch call, the wait for the GPU) a busy RPC thread may keep it for a whole switch interval
-        # (5 ms by default) before the engine gets it back: a shorter one bounds that stall.
+        # The engine thread shares the GIL with the other threads of its process (the pipe to the gRPC
+        # front end, the metrics exporter, an in-process server's event loop). Each time it gives the GIL
+        # up (every torch call, the wait for the GPU) a busy thread may keep it for a whole switch
+        # interval (5 ms by default) before the engine gets it back: a shorter one bounds that stall.
         sys.setswitchinterval(float(os.environ.get("ORCH_SWITCH_INTERVAL_S", SWITCH_INTERVAL_S)))
         self._thread.start()
 

@@ -161,11 +161,13 @@ def launch(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, 
         fn(grid, block, args, shared_mem, _Stream(stream))
 
 
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)   # absent: the public (slower) way
+
+
 def _current_stream() -> tuple[int, int]:
     """(device index, raw handle of torch's current stream there): the cheap way, on every launch."""
     device = torch.cuda.current_device()
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return device, raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+    return device, _RAW_STREAM(device) if _RAW_STREAM is not None else torch.cuda.current_stream(device).cuda_stream
 
 
 # --- programmatic dependent launch through the driver's cuLaunchKernelEx ---------------------------------

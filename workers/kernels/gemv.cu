@@ -33,19 +33,17 @@ __device__ __forceinline__ void gemv_body(const scalar_t* __restrict__ x, long l
   const int lane = threadIdx.x & 31;
   const long long stride = (long long)gridDim.x * WARPS * ROWS;
   const int K8 = K >> 3;
+  const long long first = ((long long)blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;  // this warp's first rows
   pdl_trigger();
-  {
-    const long long n0 = ((long long)blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
+  for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const int c = lane + u * 32;
-        if (c < K8 && n0 + r < N) asm volatile("prefetch.global.L2 [%0];" :: "l"(W + (n0 + r) * K + c * 8));
-      }
-  }
+    for (int u = 0; u < UNROLL; ++u) {
+      const int c = lane + u * 32;
+      if (c < K8 && first + r < N) asm volatile("prefetch.global.L2 [%0];" :: "l"(W + (first + r) * K + c * 8));
+    }
   pdl_wait();
-  for (long long n0 = ((long long)blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS; n0 < N; n0 += stride) {
+  for (long long n0 = first; n0 < N; n0 += stride) {
     float acc[ROWS][M];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r)
