@@ -61,7 +61,8 @@ def start_embedded_head() -> str:
            "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
            f"--num-cpus={max(os.cpu_count() or 1, 4)}"]
     log.info("starting an embedded local Ray head at %s", address)
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    # workers at nice 0, not Ray's default 15: the serving ranks must not yield to every busy process
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="0")
     logf = open(home / "embedded-ray.log", "ab")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.time() + 60

@@ -80,6 +80,20 @@ def test_apply_serves_the_reference_tokens(deployment):
     assert served_tokens(r["endpoint"]) == deployment["ref"]
 
 
+def test_serving_rank_runs_at_normal_priority(deployment):
+    """Ray starts workers at nice 15; the rank actor and its front end must serve at nice 0."""
+    import psutil
+
+    home = deployment["env"]["ORCH_HOME"]
+    ranks = [p for p in psutil.process_iter(["cmdline"])
+             if any("ray::RankActor" in a for a in p.info["cmdline"] or [])
+             and p.environ().get("ORCH_HOME") == home]
+    assert ranks, "no RankActor process of this deployment found"
+    procs = ranks + [c for r in ranks for c in r.children(recursive=True)]
+    nice = {(p.pid, t.id): os.getpriority(os.PRIO_PROCESS, t.id) for p in procs for t in p.threads()}
+    assert len(procs) >= 2 and set(nice.values()) == {0}, nice
+
+
 def test_reapply_unchanged_is_a_noop(deployment):
     out = orch(deployment["env"], "apply", str(deployment["topology"]("base")), "--json")
     r = json.loads(out.stdout)

@@ -1,6 +1,9 @@
 """Mapping topology nodes onto live Ray nodes: by orch-node-<name> resource, IP or label; refusals name the node."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from orchestrator.errors import OrchError
@@ -45,3 +48,29 @@ def test_missing_gpus_and_resources_are_refused_by_name():
         match_nodes(topo(), [node("10.1.0.9"), node("10.1.0.5", 1), node("10.1.0.7", 2, {"zone": "b"})], "cuda")
     with pytest.raises(OrchError, match=r"nodes.gpu-b: Ray node at 10.1.0.7 lacks resource fast-nic=1"):
         match_nodes(topo(), [node("10.1.0.9"), node("10.1.0.5", 2), node("10.1.0.7", 2, {"zone": "b"})], "cuda")
+
+
+PRIORITY_CHECK = """
+import os, threading
+from workers.rank import serve_at_normal_priority
+os.nice(7)                                    # this thread; the one started next inherits it
+ready, done = threading.Event(), threading.Event()
+t = threading.Thread(target=lambda: (ready.set(), done.wait())); t.start(); ready.wait()
+tids = [int(x) for x in os.listdir("/proc/self/task")]
+before = [os.getpriority(os.PRIO_PROCESS, i) for i in tids]
+serve_at_normal_priority()
+after = [os.getpriority(os.PRIO_PROCESS, i) for i in tids]
+done.set(); t.join()
+print(before, after)
+assert len(tids) >= 2 and max(before) == 7 and after == [0] * len(tids)
+"""
+
+
+def test_serving_threads_are_reset_to_nice_zero():
+    """Ray workers run at nice 15; a rank resets every thread (Linux keeps nice per thread)."""
+    probe = subprocess.run([sys.executable, "-c", "import os; os.nice(1); os.setpriority(os.PRIO_PROCESS, 0, 0)"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("lowering a nice value needs CAP_SYS_NICE here")
+    out = subprocess.run([sys.executable, "-c", PRIORITY_CHECK], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr

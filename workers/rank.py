@@ -29,6 +29,30 @@ def _bind_collectives_to(ip: str) -> None:
             return
 
 
+def serve_at_normal_priority() -> None:
+    """Give every thread of this process the default nice value (0).
+
+    Ray starts its workers at nice 15 (its `worker_niceness`), which lets any busy process on the host
+    (a benchmark client, the raylet) delay the engine loop and the gRPC front end. Linux keeps nice
+    per thread, so each thread is reset; threads and processes started later inherit 0. Lowering a
+    nice value needs CAP_SYS_NICE: without it this logs how to start Ray instead
+    (RAY_worker_niceness=0) and carries on.
+    """
+    import os
+
+    for tid in sorted(int(t) for t in os.listdir("/proc/self/task")):
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) > 0:
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+        except PermissionError:
+            log.warning("serving at nice %d (not allowed to lower it): start Ray with RAY_worker_niceness=0 "
+                        "so that other processes on the host do not slow serving",
+                        os.getpriority(os.PRIO_PROCESS, tid))
+            return
+
+
 @ray.remote
 class RankActor:
     def __init__(self) -> None:
@@ -50,6 +74,7 @@ class RankActor:
         from workers.engine import run_rank
 
         self.rank = rank
+        serve_at_normal_priority()
         _bind_collectives_to(ray.util.get_node_ip_address())
         kv = dict(num_kv_blocks=serve["num_kv_blocks"], block_size=serve["block_size"])
         if rank != 0:

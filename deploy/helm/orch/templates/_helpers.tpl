@@ -211,6 +211,8 @@ serving node has GPUs, the first node that may serve.
 {{- define "orch.env" -}}
 - name: ORCH_TOPOLOGY
   value: /etc/orch/topology.yaml
+- name: RAY_worker_niceness   # Ray workers (the serving ranks) at nice 0, not 15
+  value: "0"
 {{- with .Values.env }}
 {{ toYaml . }}
 {{- end }}
