@@ -68,7 +68,7 @@ if [ -z "${SKIP_ENGINE:-}" ]; then
 step "engine alone (the baseline): $GRID1 @ $CONC1, $GRID2 @ $CONC2"
 timeout 600 python3 benchmarks/bench_serving.py engine --shards "$shards" --name "$NAME-engine" \
   --grid "$GRID1" --concurrency "$CONC1" $serve ${REQ_ARGS:-} 2>&1 | tail -8
-timeout 600 python3 benchmarks/bench_serving.py engine --shards "$shards" --name "$NAME-engine" --merge \
+[ -n "$GRID2" ] && timeout 600 python3 benchmarks/bench_serving.py engine --shards "$shards" --name "$NAME-engine" --merge \
   --grid "$GRID2" --concurrency "$CONC2" $serve ${REQ_ARGS:-} 2>&1 | tail -8
 fi
 if [ -z "${SKIP_ENGINE:-}" ]; then

@@ -145,6 +145,7 @@ def test_text_prompt_stream_and_stop_string(server, stub):
     assert "".join(m.text for m in streamed) == full.text
     assert [t for m in streamed for t in m.token_ids] == list(full.token_ids)
     text = full.text
+    before = scrape(server.metrics_port)
     stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].strip() and "\ufffd" not in text[i:i + 2])
     cut = stub.Generate(orch_pb2.GenerateRequest(prompt="The quick brown fox", sampling=orch_pb2.SamplingParams(
         max_tokens=24, ignore_eos=True, stop=[stop])))
@@ -153,6 +154,13 @@ def test_text_prompt_stream_and_stop_string(server, stub):
     chunks = list(stub.GenerateStream(orch_pb2.GenerateRequest(
         prompt="The quick brown fox", sampling=orch_pb2.SamplingParams(max_tokens=24, ignore_eos=True, stop=[stop]))))
     assert "".join(m.text for m in chunks) == cut.text  # the stop string never leaks into the stream
+    # the front end found the stop strings and told the engine: both sequences ended there, as completed
+    deadline = time.time() + 10
+    while (after := scrape(server.metrics_port))["orch_running_sequences"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert after["orch_running_sequences"] == 0 and after["orch_kv_blocks_used"] == 0
+    assert after['orch_requests_total{outcome="completed"}'] - before['orch_requests_total{outcome="completed"}'] == 2
+    assert after["orch_generated_tokens_total"] - before["orch_generated_tokens_total"] < 2 * 24
 
 
 def test_logprobs_tokenize_and_model_info(server, stub):

@@ -2,7 +2,7 @@
 import pytest
 
 from workers.models.tiny import write_random_checkpoint
-from workers.tokenizer import Tokenizer
+from workers.tokenizer import TextStream, Tokenizer
 
 TEXT = "Unicode: café, naïve, 東京, München 🙂 and 🚀 plus 日本語のテキスト."
 
@@ -34,3 +34,19 @@ def test_final_flush_of_an_incomplete_character(tok):
     det = tok.detokenizer([])
     out = "".join(det.add(t, final=(i == len(ids) - 2)) for i, t in enumerate(ids[:-1]))
     assert len(ids) > 1 and out.endswith("\ufffd")  # flushed, marked as incomplete
+
+
+def test_text_stream_cuts_at_a_stop_string_and_never_hands_out_its_start(tok):
+    prompt = tok.encode("The quick brown fox")
+    ids = tok.encode(" jumps over the lazy dog", add_special_tokens=False)
+    assert tok.decode(ids) == " jumps over the lazy dog"
+    ts, outs, stop = TextStream(tok, prompt, stops=["lazy", "cat"]), [], None
+    for i, t in enumerate(ids):
+        text, stop = ts.add([t], final=i == len(ids) - 1)
+        outs.append(text)
+        assert not "".join(outs).endswith(("l", "la", "laz", "c", "ca"))  # a possible stop start waits
+        if stop:
+            break
+    assert stop == "lazy" and "".join(outs) == " jumps over the " == ts.text
+    plain = TextStream(tok, prompt)
+    assert "".join(plain.add([t], final=i == len(ids) - 1)[0] for i, t in enumerate(ids)) == " jumps over the lazy dog"

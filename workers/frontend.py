@@ -1,13 +1,13 @@
 """The RPC front end in a process of its own, joined to the engine loop by a pipe.
 
 Per-token RPC work (gRPC writes, protobuf, asyncio) then never holds the engine process's GIL: the
-engine thread only pickles one message per step. The engine process keeps the scheduler, the engine,
-detokenization and the Prometheus metrics; the front end keeps the gRPC server (orch.v1, KServe v2,
-health, reflection) and request validation.
+engine thread only pickles one message per step. The engine process keeps the scheduler, the engine
+and the Prometheus metrics; the front end keeps the gRPC server (orch.v1, KServe v2, health,
+reflection), request validation, tokenization, detokenization and stop strings.
 
 Messages, pickled tuples over one duplex multiprocessing pipe:
   front end -> engine: ("ready", port) or ("error", message) once, at start-up; then ("add", seq_id,
-                       GenerationRequest), ("abort", seq_id), ("rejected",)
+                       GenerationRequest), ("abort", seq_id, completed), ("rejected",)
   engine -> front end: ("out", [(seq_id, packed SeqOutput | RequestError)...]) once per step,
                        ("health", ok), ("stop", grace_s)
 """
@@ -83,7 +83,7 @@ class EngineBridge:
                 self.loop.submit(msg[2], self._sink(msg[1]), seq_id=msg[1])
             elif op == "abort":
                 live.discard(msg[1])
-                self.loop.abort(msg[1])
+                self.loop.abort(msg[1], msg[2])
             elif op == "rejected":
                 self.loop.count_rejected()
         for seq_id in live:  # the front end is gone: nobody reads these any more
@@ -127,9 +127,9 @@ class EngineClient:
         self._send(("add", seq_id, req))
         return seq_id
 
-    def abort(self, seq_id: int) -> None:
+    def abort(self, seq_id: int, completed: bool = False) -> None:
         if self._sinks.pop(seq_id, None) is not None:
-            self._send(("abort", seq_id))
+            self._send(("abort", seq_id, completed))
 
     def count_rejected(self) -> None:
         self._send(("rejected",))

@@ -1,4 +1,4 @@
-"""Continuous-batching scheduler: chunked prefill under a token budget, preemption, sampling, stops.
+"""Continuous-batching scheduler: chunked prefill under a token budget, preemption, sampling, stop tokens.
 
 It knows nothing of RPC: `add` and `abort` sequences, then call `step(run)` where `run` executes a
 StepInput (the engine's `step`) and returns logits; `step` returns what each sequence produced.
@@ -36,7 +36,7 @@ class SeqOutput:
 
     seq_id: int
     token_ids: list[int]
-    text: str = ""
+    text: str = ""          # filled where the outputs are consumed (workers.tokenizer.TextStream)
     logprobs: list[Sample] = field(default_factory=list)
     finished: bool = False
     finish_reason: FinishReason | None = None
@@ -205,18 +205,8 @@ class Scheduler:
             reason, stop = FinishReason.STOP, tok
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_seq_len:
             reason = FinishReason.LENGTH
-        text = ""
-        if seq.detokenizer is not None:
-            seq.text += seq.detokenizer.add(tok, final=reason is not None)
-            hit = _find_stop_string(seq.text, p.stop, seq.num_text_sent)
-            if hit is not None:
-                seq.text = seq.text[:hit[0]]
-                reason, stop = FinishReason.STOP, hit[1]
-            end = len(seq.text) if reason else len(seq.text) - _held_back(seq.text, p.stop)
-            end = max(end, seq.num_text_sent)
-            text, seq.num_text_sent = seq.text[seq.num_text_sent:end], end
         out = SeqOutput(
-            seq_id=seq.seq_id, token_ids=[tok], text=text,
+            seq_id=seq.seq_id, token_ids=[tok],
             logprobs=[smp] if (p.logprobs or p.top_logprobs) else [],
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
@@ -235,25 +225,3 @@ class Scheduler:
         log.debug("sequence %d finished: %s (%s) after %d tokens", seq.seq_id, reason.value, stop,
                   seq.num_output_tokens)
 
-
-def _find_stop_string(text: str, stops: list[str], sent: int) -> tuple[int, str] | None:
-    """Earliest stop string in the unsent part of text (plus its possible overlap with sent text)."""
-    if not stops:
-        return None
-    best = None
-    for s in stops:
-        i = text.find(s, max(0, sent - len(s) + 1))
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, s)
-    return best
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of text that could start a stop string (not sent yet)."""
-    if not stops:
-        return 0
-    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
-        tail = text[-k:]
-        if any(s.startswith(tail) for s in stops):
-            return k
-    return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -40,9 +40,6 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     generator: "torch.Generator | None" = None
-    detokenizer: Any = None             # workers.tokenizer.IncrementalDetokenizer, when text is wanted
-    text: str = ""                      # output text decoded so far (stop strings cut it)
-    num_text_sent: int = 0              # characters of `text` already handed out
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

@@ -335,8 +335,7 @@ class Server:
     """One model: the engine loop in this process, its gRPC front end in a child process (so that the
     per-token RPC work does not share this process's GIL with the engine thread)."""
 
-    def __init__(self, cfg: ServerConfig, engine: Any = None, info: ModelInfo | None = None,
-                 tokenizer: Tokenizer | None = None) -> None:
+    def __init__(self, cfg: ServerConfig, engine: Any = None, info: ModelInfo | None = None) -> None:
         self.cfg = cfg
         self.procs: list = []
         if engine is None:
@@ -344,12 +343,10 @@ class Server:
         if info is None:  # an engine made elsewhere (e.g. a Ray rank actor)
             info = model_info(cfg, engine.model_config, engine.num_kv_blocks, engine.tp, engine.pp,
                               str(engine.dtype).removeprefix("torch."))
-        if tokenizer is None:
-            tokenizer = load_tokenizer(cfg)
         self.engine = engine
         self.info = info
         self.metrics = ServerMetrics()
-        self.loop = EngineLoop(make_scheduler(info, cfg.enable_prefix_caching), engine.step, tokenizer, self.metrics)
+        self.loop = EngineLoop(make_scheduler(info, cfg.enable_prefix_caching), engine.step, self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._frontend: Any = None      # the front-end process

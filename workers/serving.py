@@ -25,8 +25,8 @@ from workers.metrics import ServerMetrics
 from workers.models.config import ModelConfig
 from workers.sampling import InvalidParams, SamplingParams
 from workers.scheduler import Scheduler, SchedulerConfig, SeqOutput
-from workers.sequence import Sequence
-from workers.tokenizer import Tokenizer
+from workers.sequence import FinishReason, Sequence
+from workers.tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,9 @@ class EngineLoop:
     """
 
     def __init__(self, scheduler: Scheduler, run_step: Callable[[StepInput], torch.Tensor],
-                 tokenizer: Tokenizer | None, metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics) -> None:
         self.scheduler = scheduler
         self.run_step = run_step
-        self.tokenizer = tokenizer
         self.metrics = metrics
         self.healthy = True
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -114,14 +113,13 @@ class EngineLoop:
         """Queue a request; returns its sequence id (for abort): `seq_id`, or a fresh one. One caller
         either always passes ids (a front end's own) or never."""
         seq = Sequence(next(self._ids) if seq_id is None else seq_id, list(req.prompt_token_ids), req.params)
-        if req.want_text and self.tokenizer is not None:
-            seq.detokenizer = self.tokenizer.detokenizer(req.prompt_token_ids, req.skip_special_tokens)
         self._inbox.put(("add", seq, sink))
         return seq.seq_id
 
-    def abort(self, seq_id: int) -> None:
-        """Cancel a sequence; its blocks are freed before the next step."""
-        self._inbox.put(("abort", seq_id, None))
+    def abort(self, seq_id: int, completed: bool = False) -> None:
+        """Cancel a sequence (`completed`: it ended on a stop string, found where its text is made);
+        its blocks are freed before the next step."""
+        self._inbox.put(("abort", seq_id, completed))
 
     def count_rejected(self) -> None:
         """Count a request refused before it reached the engine."""
@@ -140,10 +138,15 @@ class EngineLoop:
             self._sinks[arg.seq_id] = sink
             self._arrivals[arg.seq_id] = arg.arrival_time
             self.metrics.prompt_tokens.inc(arg.num_prompt_tokens)
-        elif op == "abort":
+        elif op == "abort":   # `sink` carries `completed` here
             if self.scheduler.abort(arg) is not None:
-                self.metrics.requests.labels("cancelled").inc()
-                log.debug("sequence %d cancelled", arg)
+                if sink:
+                    m = self.metrics
+                    m.e2e.observe(time.monotonic() - self._arrivals.get(arg, time.monotonic()))
+                    m.requests.labels("completed").inc()
+                else:
+                    self.metrics.requests.labels("cancelled").inc()
+                    log.debug("sequence %d cancelled", arg)
             self._forget(arg)
         elif op == "stop":
             self._stop = True
@@ -340,6 +343,9 @@ class Serving:
         """The request's outputs as the engine produces them, in lists of everything new since the last
         yield (one output per list unless the reader falls behind); leaving early cancels the request."""
         q: asyncio.Queue = asyncio.Queue()
+        text = None
+        if req.want_text and self.tokenizer is not None:
+            text = TextStream(self.tokenizer, req.prompt_token_ids, req.skip_special_tokens, req.params.stop)
         seq_id = self.loop.submit(req, self._dispatch_for(asyncio.get_running_loop()).sink(q))
         done = False
         try:
@@ -347,14 +353,23 @@ class Serving:
                 items = [await q.get()]
                 while not q.empty():
                     items.append(q.get_nowait())
-                for item in items:
+                for n, item in enumerate(items):
                     if isinstance(item, RequestError):
                         done = True
                         raise item
                     if isinstance(item, BaseException):
                         done = True
                         raise RequestError("INTERNAL", f"engine failed: {item}")
-                    done = done or item.finished
+                    if text is not None:
+                        item.text, stop = text.add(item.token_ids, item.finished)
+                        if stop is not None:   # a stop string: the request ends here, the engine stops it
+                            if not item.finished:
+                                self.loop.abort(seq_id, completed=True)
+                            item.finished, item.finish_reason, item.stop_reason = True, FinishReason.STOP, stop
+                    if item.finished:
+                        done = True
+                        del items[n + 1:]
+                        break
                 yield items
         finally:
             if not done:

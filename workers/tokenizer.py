@@ -66,3 +66,55 @@ class IncrementalDetokenizer:
         if final and after.startswith(before):
             return after[len(before):]
         return ""
+
+
+class TextStream:
+    """The text of one request's outputs: incremental detokenization and stop strings.
+
+    It runs where outputs are consumed (the RPC front end's process), not on the engine thread. Text
+    that could still turn out to begin a stop string is held back until it cannot; a matched stop
+    string and everything after it is never handed out.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
+                 stops: list[str] | tuple[str, ...] = ()) -> None:
+        self._det = tokenizer.detokenizer(prompt_ids, skip_special_tokens)
+        self._stops = list(stops)
+        self.text = ""     # all text so far (cut at a matched stop string)
+        self._sent = 0     # characters of it handed out
+
+    def add(self, token_ids: list[int], final: bool) -> tuple[str, str | None]:
+        """Feed one output's tokens (`final`: the engine ended the sequence with them). Returns the text
+        to hand out now and the stop string that matched (the request then ends here), or None."""
+        for i, tok in enumerate(token_ids):
+            self.text += self._det.add(tok, final=final and i == len(token_ids) - 1)
+        hit = find_stop_string(self.text, self._stops, self._sent)
+        if hit is not None:
+            self.text = self.text[:hit[0]]
+        end = len(self.text) if final or hit else len(self.text) - held_back(self.text, self._stops)
+        end = max(end, self._sent)
+        out, self._sent = self.text[self._sent:end], end
+        return out, None if hit is None else hit[1]
+
+
+def find_stop_string(text: str, stops: list[str], sent: int) -> tuple[int, str] | None:
+    """Earliest stop string in the unsent part of text (plus its possible overlap with sent text)."""
+    if not stops:
+        return None
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, sent - len(s) + 1))
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    return best
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that could start a stop string (not sent yet)."""
+    if not stops:
+        return 0
+    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return k
+    return 0
