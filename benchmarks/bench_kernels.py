@@ -32,6 +32,9 @@ def bench_gemv(out: dict) -> None:
             ms = time_ms(lambda i, c=c: gemv.gemv(x1, ws[i], choice=c), copies, reps=30)
             tag = f"rows{c[0]}_unroll{c[1]}_{'gpugrid' if c[2] else 'fullgrid'}"
             out[f"gemv_{name}_m1_{tag}_gb_s"] = round(n * k * 2 / 1e9 / (ms / 1e3), 1)
+        if name == "gate_up":   # with silu(gate) * up in the epilogue, as decode runs it
+            ms = time_ms(lambda i: gemv.gemv(x1, ws[i], glu=True), copies, reps=30)
+            out[f"gemv_{name}_m1_glu_gb_s"] = round(n * k * 2 / 1e9 / (ms / 1e3), 1)
         for m in (1, 2, 4, 8):
             x = torch.randn(m, k, device="cuda", dtype=dt)
             ours = time_ms(lambda i: gemv.gemv(x, ws[i]), copies, reps=30)
@@ -51,10 +54,16 @@ def bench_attention(out: dict) -> None:
         bt = torch.randperm(b * per, device="cuda").to(torch.int32).view(b, per)
         cl = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
         q = torch.randn(b, nh, hd, device="cuda", dtype=dt)
-        ms = time_ms(lambda i: paged_attention.paged_decode_attention(q, kc, vc, bt, cl, hd ** -0.5), 1, reps=30)
         kv_bytes = 2 * b * ctx * nkv * hd * 2
-        out[f"attn_b{b}_ctx{ctx}_us"] = round(ms * 1e3, 1)
-        out[f"attn_b{b}_ctx{ctx}_gb_s"] = round(kv_bytes / (ms / 1e3) / 1e9, 1)
+        for tag, tile in (("", 1), ("_online", 0)):   # softmax per key batch (the default) or per key
+            spec0 = paged_attention.spec
+            paged_attention.spec = lambda *a, t=tile, **kw: spec0(*a, TILE_SOFTMAX=t, **kw)
+            try:
+                ms = time_ms(lambda i: paged_attention.paged_decode_attention(q, kc, vc, bt, cl, hd ** -0.5), 1, reps=30)
+            finally:
+                paged_attention.spec = spec0
+            out[f"attn_b{b}_ctx{ctx}{tag}_us"] = round(ms * 1e3, 1)
+            out[f"attn_b{b}_ctx{ctx}{tag}_gb_s"] = round(kv_bytes / (ms / 1e3) / 1e9, 1)
         del kc, vc
 
 

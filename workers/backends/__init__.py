@@ -61,6 +61,9 @@ class Backend(Protocol):
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """x[T,2I] -> silu(x[:, :I]) * x[:, I:], [T,I]."""
 
+    def linear_glu(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x[T,K], w[2I,K] = [gate; up] -> silu_mul(linear(x, w)), [T,I] (the MLP's up projection)."""
+
     def all_reduce(self, x: torch.Tensor, group: Any) -> torch.Tensor:
         """Sum x over the TP group in place and return it (no-op when group is None)."""
 

@@ -111,6 +111,11 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[..., :inter]) * x[..., inter:]
 
 
+def linear_glu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) for w = [gate; up]."""
+    return silu_mul(linear(x, w))
+
+
 def all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
     """Sum over the TP group, in place."""
     if group is not None:

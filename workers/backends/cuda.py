@@ -3,7 +3,6 @@ large GEMMs and torch's fused attention for prefill. Same signatures and semanti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from workers.kernels.rms_norm import rms_norm
 from workers.kernels.rope_cache import rope_and_cache_write
 from workers.kernels.silu_mul import silu_mul
 
-__all__ = ["embedding", "rms_norm", "linear", "rope_and_cache_write", "prefill_attention",
+__all__ = ["embedding", "rms_norm", "linear", "linear_glu", "rope_and_cache_write", "prefill_attention",
            "paged_decode_attention", "silu_mul", "all_reduce", "all_gather_last_dim"]
 
 embedding = _ref.embedding
@@ -25,11 +24,19 @@ all_reduce = _ref.all_reduce
 all_gather_last_dim = _ref.all_gather_last_dim
 
 
+def _on_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x @ w.T runs on our gemv: few rows (per the tuning table), a shape it takes."""
+    return x.shape[0] <= tuning.CURRENT.gemv_limit(w.shape[0], w.shape[1]) and _gemv.supported(x, w)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias): our gemv for the few-row shapes where it beats cuBLAS (per the tuning table)."""
-    if x.shape[0] <= tuning.CURRENT.gemv_limit(w.shape[0], w.shape[1]) and _gemv.supported(x, w):
-        return _gemv.gemv(x, w, bias)
-    return F.linear(x, w, bias)
+    return _gemv.gemv(x, w, bias) if _on_gemv(x, w) else F.linear(x, w, bias)
+
+
+def linear_glu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in gemv's epilogue for few rows (no silu_mul kernel); cuBLAS + silu_mul otherwise."""
+    return _gemv.gemv(x, w, glu=True) if _on_gemv(x, w) else silu_mul(F.linear(x, w))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

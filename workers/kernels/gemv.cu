@@ -26,37 +26,44 @@ __device__ __forceinline__ void load8_stream(const scalar_t* p, float* f) {
 #endif
 }
 
-template <int M>
+// GLU false: y = x W^T (+ bias).  GLU true: W = [gate; up] (2N rows) and y[:, j] = silu(gate_j) * up_j,
+// rows j and j + N streamed by one warp (the gate-up projection and SiLU-and-mul in one kernel).
+template <int M, bool GLU>
 __device__ __forceinline__ void gemv_body(const scalar_t* __restrict__ x, long long x_stride,
                                           const scalar_t* __restrict__ W, const scalar_t* __restrict__ bias,
                                           scalar_t* __restrict__ y, int N, int K) {
+  constexpr int R = GLU ? 2 : ROWS;     // weight rows a warp streams at once
+  constexpr int OUT = GLU ? 1 : ROWS;   // output columns they make
   const int lane = threadIdx.x & 31;
-  const long long stride = (long long)gridDim.x * WARPS * ROWS;
+  const long long stride = (long long)gridDim.x * WARPS * OUT;
   const int K8 = K >> 3;
-  const long long first = ((long long)blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;  // this warp's first rows
+  const long long first = ((long long)blockIdx.x * WARPS + (threadIdx.x >> 5)) * OUT;  // this warp's first outputs
+  // weight row of slot r for outputs starting at n0, and whether it exists
+#define WROW(n0, r) (GLU ? (n0) + (long long)(r) * N : (n0) + (r))
+#define WOK(n0, r) ((GLU ? (n0) : (n0) + (r)) < N)
   pdl_trigger();
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int c = lane + u * 32;
-      if (c < K8 && first + r < N) asm volatile("prefetch.global.L2 [%0];" :: "l"(W + (first + r) * K + c * 8));
+      if (c < K8 && WOK(first, r)) asm volatile("prefetch.global.L2 [%0];" :: "l"(W + WROW(first, r) * K + c * 8));
     }
   pdl_wait();
   for (long long n0 = first; n0 < N; n0 += stride) {
-    float acc[ROWS][M];
+    float acc[R][M];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
     for (int base = lane; base < K8; base += 32 * UNROLL) {
-      float wf[ROWS][UNROLL][8];
+      float wf[R][UNROLL][8];
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r)
+      for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
           const int c = base + u * 32;
-          if (c < K8 && n0 + r < N) load8_stream(W + (n0 + r) * K + c * 8, wf[r][u]);
+          if (c < K8 && WOK(n0, r)) load8_stream(W + WROW(n0, r) * K + c * 8, wf[r][u]);
         }
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
@@ -67,7 +74,7 @@ __device__ __forceinline__ void gemv_body(const scalar_t* __restrict__ x, long l
             float xf[8];
             load8(x + m * x_stride + c * 8, xf);
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r)
+            for (int r = 0; r < R; ++r)
 #pragma unroll
               for (int e = 0; e < 8; ++e) acc[r][m] += wf[r][u][e] * xf[e];
           }
@@ -75,34 +82,42 @@ __device__ __forceinline__ void gemv_body(const scalar_t* __restrict__ x, long l
       }
     }
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
     if (lane == 0) {
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        const long long n = n0 + r;
-        if (n < N) {
-          const float bv = bias ? to_f(bias[n]) : 0.f;
+      for (int m = 0; m < M; ++m) {
+        if (GLU) {
+          const float gate = acc[0][m] + (bias ? to_f(bias[n0]) : 0.f);
+          const float up = acc[1][m] + (bias ? to_f(bias[n0 + N]) : 0.f);
+          y[(long long)m * N + n0] = from_f(gate / (1.f + __expf(-gate)) * up);
+        } else {
 #pragma unroll
-          for (int m = 0; m < M; ++m) y[(long long)m * N + n] = from_f(acc[r][m] + bv);
+          for (int r = 0; r < R; ++r) {
+            const long long n = n0 + r;
+            if (n < N) y[(long long)m * N + n] = from_f(acc[r][m] + (bias ? to_f(bias[n]) : 0.f));
+          }
         }
       }
     }
   }
+#undef WROW
+#undef WOK
 }
 
-#define GEMV(MM)                                                                                         \
+#define GEMV(MM, GLU, SUFFIX)                                                                            \
   extern "C" __global__ void __launch_bounds__(WARPS * 32)                                               \
-      gemv_m##MM(const scalar_t* __restrict__ x, long long x_stride, const scalar_t* __restrict__ W,    \
-                 const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, int N, int K) {           \
-    gemv_body<MM>(x, x_stride, W, bias, y, N, K);                                                        \
+      gemv_m##MM##SUFFIX(const scalar_t* __restrict__ x, long long x_stride, const scalar_t* __restrict__ W, \
+                         const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, int N, int K) {    \
+    gemv_body<MM, GLU>(x, x_stride, W, bias, y, N, K);                                                   \
   }
-GEMV(1)
-GEMV(2)
-GEMV(3)
-GEMV(4)
-GEMV(5)
-GEMV(6)
-GEMV(7)
-GEMV(8)
+#define GEMV_BOTH(MM) GEMV(MM, false, ) GEMV(MM, true, _glu)
+GEMV_BOTH(1)
+GEMV_BOTH(2)
+GEMV_BOTH(3)
+GEMV_BOTH(4)
+GEMV_BOTH(5)
+GEMV_BOTH(6)
+GEMV_BOTH(7)
+GEMV_BOTH(8)

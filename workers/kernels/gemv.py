@@ -12,7 +12,7 @@ MAX_M = 8
 WARPS = 4
 # (output rows per warp, 16-byte loads in flight per lane and row), grid (True: sized to the GPU, grid-
 # stride; False: one row group per warp): the launch choices the build times for each weight shape.
-VARIANTS = ((1, 4), (1, 8), (2, 4), (4, 2))
+VARIANTS = ((1, 4), (1, 8), (2, 4))
 CHOICES = tuple((r, u, g) for r, u in VARIANTS for g in (True, False))
 
 
@@ -35,15 +35,17 @@ def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-         choice: tuple[int, int, bool] | None = None) -> torch.Tensor:
+         choice: tuple[int, int, bool] | None = None, *, glu: bool = False) -> torch.Tensor:
     """x[M,K] @ w[N,K]^T (+ bias[N]) -> [M,N], for M <= MAX_M (check `supported` first); `choice`
-    (rows per warp, loads in flight per lane and row, GPU-sized grid) defaults to the tuning table's."""
+    (rows per warp, loads in flight per lane and row, GPU-sized grid) defaults to the tuning table's.
+    With `glu`, w is [gate; up] (2I rows) and the result is silu(gate) * up, [M,I] (each warp streams
+    rows j and j + I: two rows in flight whatever the choice's rows per warp)."""
     M, K = x.shape
-    N = w.shape[0]
-    rows, unroll, gpu_grid = choice or tuning.CURRENT.gemv_choice(N, K)
+    N = w.shape[0] // 2 if glu else w.shape[0]
+    rows, unroll, gpu_grid = choice or tuning.CURRENT.gemv_choice(w.shape[0], K)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    fn = function(spec("gemv", x.dtype, ROWS=rows, UNROLL=unroll), f"gemv_m{M}")
-    per_block = WARPS * rows
+    fn = function(spec("gemv", x.dtype, ROWS=rows, UNROLL=unroll), f"gemv_m{M}{'_glu' if glu else ''}")
+    per_block = WARPS * (1 if glu else rows)
     blocks = (N + per_block - 1) // per_block
     if gpu_grid:
         blocks = min(blocks, _max_blocks(fn, x.device))

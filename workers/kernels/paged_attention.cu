@@ -4,8 +4,8 @@
 // over split s of sequence b's visible keys; TPT = HD/8 lanes share one key (8 dims each), so a block
 // walks NSUB keys at a time. Keys visible to the query at position ctx-1: [max(0, ctx - window), ctx)
 // (window 0: all). Split length = max(ceil(n / NS), min_split); splits past the end do nothing.
-// NS == 1 writes out directly; otherwise partial sums go to part_acc / part_ml and paged_decode_combine
-// finishes. Scores are kept in log2 units (q is pre-scaled by scale * log2(e)).
+// NS == 1 writes out directly; otherwise partial sums go to part_acc / part_ml and the last split block
+// of each (sequence, KV head) to finish merges them (a per-pair counter in `counters`, left at 0). Scores are kept in log2 units (q is pre-scaled by scale * log2(e)).
 #ifndef HD
 #define HD 128
 #endif
@@ -15,6 +15,9 @@
 #define NTHREADS 128
 #define TPT (HD / 8)
 #define NSUB (NTHREADS / TPT)
+#ifndef TILE_SOFTMAX
+#define TILE_SOFTMAX 1   // 0: online softmax per key (kept to compare)
+#endif
 #ifndef UNROLL
 #define UNROLL (GROUP >= 8 ? 2 : 4)   // keys in flight per subgroup (register budget: GROUP x 16 accumulators)
 #endif
@@ -27,9 +30,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS)
 paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t* __restrict__ k_cache,
              const scalar_t* __restrict__ v_cache, const int* __restrict__ block_tables, int maxb,
              const int* __restrict__ context_lens, scalar_t* __restrict__ out, float* __restrict__ part_acc,
-             float* __restrict__ part_ml, int nkv, int block_size, float scale_log2, int window, int min_split) {
+             float* __restrict__ part_ml, int* __restrict__ counters, int nkv, int block_size, float scale_log2,
+             int window, int min_split) {
   __shared__ float sm_acc[NSUB][GROUP][HD];
   __shared__ float sm_m[NSUB][GROUP], sm_l[NSUB][GROUP];
+  __shared__ int sm_last;
   pdl_start();
   const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, ns = gridDim.z;
   const int nh = nkv * GROUP;
@@ -78,6 +83,54 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
         vr[u] = load_raw8(v_cache + slot[u] * tok_stride + head_off);
       }
     }
+#if TILE_SOFTMAX
+    // the UNROLL keys' scores first, then one max / rescale per head for all of them
+    float sc[UNROLL][GROUP];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      float kf[8];
+      unraw8(kr[u], kf);
+#pragma unroll
+      for (int g = 0; g < GROUP; ++g) {
+        float sv = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sv += qr[g][e] * kf[e];
+#pragma unroll
+        for (int o = TPT / 2; o > 0; o >>= 1) sv += __shfl_xor_sync(0xffffffffu, sv, o);
+        sc[u][g] = ok[u] ? sv : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+      float mx = m[g];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) mx = fmaxf(mx, sc[u][g]);
+      if (mx == -INFINITY) continue;   // no visible key yet for this subgroup
+      const float a = exp2f(m[g] - mx);
+      float ps = 0.f;
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        sc[u][g] = exp2f(sc[u][g] - mx);   // masked keys: exp2(-inf) = 0
+        ps += sc[u][g];
+      }
+      l[g] = l[g] * a + ps;
+      m[g] = mx;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[g][e] *= a;
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if (!ok[u]) continue;
+      float vf[8];
+      unraw8(vr[u], vf);
+#pragma unroll
+      for (int g = 0; g < GROUP; ++g)
+        if (m[g] != -INFINITY) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[g][e] += sc[u][g] * vf[e];
+        }
+    }
+#else
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       float kf[8], vf[8];
@@ -105,6 +158,7 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
         }
       }
     }
+#endif
   }
 #pragma unroll
   for (int g = 0; g < GROUP; ++g) {
@@ -140,28 +194,32 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
       }
     }
   }
-}
-
-// Merge the splits written by paged_decode: grid (nh, B), HD threads.
-extern "C" __global__ void paged_decode_combine(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
-                                                const int* __restrict__ context_lens, scalar_t* __restrict__ out,
-                                                int nh, int ns, int window, int min_split) {
-  pdl_start();
-  const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
-  const int ctx = context_lens[b];
-  const int lo = window > 0 ? max(0, ctx - window) : 0;
-  const int n = ctx - lo;
-  const int split_len = split_length(n, ns, min_split);
-  const int used = min(ns, (n + split_len - 1) / split_len);
-  const long long head = (long long)b * nh + h;
-  const float* ml = part_ml + head * ns * 2;
-  float M = -INFINITY;
-  for (int s = 0; s < used; ++s) M = fmaxf(M, ml[2 * s]);
-  float L = 0.f, A = 0.f;
-  for (int s = 0; s < used; ++s) {
-    const float w = exp2f(ml[2 * s] - M);
-    L += ml[2 * s + 1] * w;
-    A += part_acc[(head * ns + s) * HD + d] * w;
+  if (ns == 1) return;
+  // The last of this (sequence, KV head)'s splits to finish merges them all (no combine kernel): its
+  // counter goes back to 0 for the next launch (CUDA graphs replay the same buffer).
+  const int used = (ctx - lo + split_len - 1) / split_len;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    int* cnt = counters + (long long)b * nkv + kvh;
+    sm_last = atomicAdd(cnt, 1) == used - 1;
+    if (sm_last) *cnt = 0;
   }
-  out[head * HD + d] = from_f(A / L);
+  __syncthreads();
+  if (!sm_last) return;
+  __threadfence();
+  for (int idx = tid; idx < GROUP * HD; idx += NTHREADS) {
+    const int g = idx / HD, d = idx - g * HD;
+    const long long head = (long long)b * nh + kvh * GROUP + g;
+    const float* ml = part_ml + head * ns * 2;
+    float M = -INFINITY;
+    for (int s = 0; s < used; ++s) M = fmaxf(M, __ldcg(ml + 2 * s));
+    float L = 0.f, A = 0.f;
+    for (int s = 0; s < used; ++s) {
+      const float w = exp2f(__ldcg(ml + 2 * s) - M);
+      L += __ldcg(ml + 2 * s + 1) * w;
+      A += __ldcg(part_acc + (head * ns + s) * HD + d) * w;
+    }
+    out[head * HD + d] = from_f(A / L);
+  }
 }

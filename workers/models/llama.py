@@ -71,7 +71,7 @@ class LlamaStage:
         h, residual = ops.rms_norm(x, w[p + "input_layernorm.weight"], eps, residual)
         h = self._attention(p, b, h, k_cache, v_cache)
         h, residual = ops.rms_norm(h, w[p + "post_attention_layernorm.weight"], eps, residual)
-        h = ops.silu_mul(ops.linear(h, w[p + "mlp.gate_up_proj.weight"]))
+        h = ops.linear_glu(h, w[p + "mlp.gate_up_proj.weight"])
         return ops.all_reduce(ops.linear(h, w[p + "mlp.down_proj.weight"]), self.tp_group), residual
 
     def _attention(self, p: str, b: ForwardBatch, x: torch.Tensor,
