@@ -189,6 +189,14 @@ def test_gemv_glu(dtype, M, N, K, bias, choice):
     assert rel_err(y, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_glu_rounds_like_gemv_then_silu_mul(dtype):
+    """Bit for bit what the unfused kernels give: fusing must not move greedy tokens."""
+    x, w = rnd(3, 4096, dtype=dtype), rnd(2 * 1536, 4096, dtype=dtype, scale=4096 ** -0.5)
+    for choice in [(1, 4, True), (1, 8, False), (2, 4, False)]:
+        assert torch.equal(gemv(x, w, choice=choice, glu=True), silu_mul(gemv(x, w, choice=choice)))
+
+
 @pytest.mark.parametrize("M", [1, 3, 64])
 def test_backend_linear_glu_matches_the_reference_backend(M):
     """linear_glu of the GPU backend, on the gemv path (few rows) and the cuBLAS + silu_mul path (many)."""

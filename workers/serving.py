@@ -209,6 +209,7 @@ class EngineLoop:
 
     def _deliver(self, outs: list[SeqOutput]) -> None:
         m, s, now = self.metrics, self.scheduler, time.monotonic()
+        m.generated_tokens.inc(sum(len(o.token_ids) for o in outs))
         for o in outs:
             sink = self._sinks.get(o.seq_id)
             prev = self._last_token.get(o.seq_id)
@@ -217,7 +218,6 @@ class EngineLoop:
             else:
                 m.itl.observe(now - prev)
             self._last_token[o.seq_id] = now
-            m.generated_tokens.inc(len(o.token_ids))
             if o.finished:
                 m.e2e.observe(now - self._arrival(o))
                 m.requests.labels("completed").inc()

@@ -88,10 +88,10 @@ __device__ __forceinline__ void gemv_body(const scalar_t* __restrict__ x, long l
     if (lane == 0) {
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        if (GLU) {
-          const float gate = acc[0][m] + (bias ? to_f(bias[n0]) : 0.f);
-          const float up = acc[1][m] + (bias ? to_f(bias[n0 + N]) : 0.f);
-          y[(long long)m * N + n0] = from_f(gate / (1.f + __expf(-gate)) * up);
+        if (GLU) {   // rounded as the plain gemv's output and then silu_mul would round: the same bits
+          const float gate = rnd(acc[0][m] + (bias ? to_f(bias[n0]) : 0.f));
+          const float up = rnd(acc[1][m] + (bias ? to_f(bias[n0 + N]) : 0.f));
+          y[(long long)m * N + n0] = from_f(rnd(gate / (1.f + __expf(-gate))) * up);
         } else {
 #pragma unroll
           for (int r = 0; r < R; ++r) {

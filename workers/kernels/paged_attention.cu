@@ -208,16 +208,25 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
   __syncthreads();
   if (!sm_last) return;
   __threadfence();
+  // the splits' (max, sum) of the GROUP heads into shared memory (independent loads, all in flight),
+  // then each (head, dim) sums its splits' accumulators
+  float* ml_s = &sm_acc[0][0][0];   // reused: GROUP * ns * 2 <= NSUB * GROUP * HD floats
+  for (int i = tid; i < GROUP * used * 2; i += NTHREADS) {
+    const int g = i / (used * 2), r = i - g * used * 2;
+    ml_s[i] = __ldcg(part_ml + ((long long)b * nh + kvh * GROUP + g) * ns * 2 + r);
+  }
+  __syncthreads();
   for (int idx = tid; idx < GROUP * HD; idx += NTHREADS) {
     const int g = idx / HD, d = idx - g * HD;
     const long long head = (long long)b * nh + kvh * GROUP + g;
-    const float* ml = part_ml + head * ns * 2;
+    const float* ml = ml_s + g * used * 2;
     float M = -INFINITY;
-    for (int s = 0; s < used; ++s) M = fmaxf(M, __ldcg(ml + 2 * s));
+    for (int s = 0; s < used; ++s) M = fmaxf(M, ml[2 * s]);
     float L = 0.f, A = 0.f;
+#pragma unroll 8
     for (int s = 0; s < used; ++s) {
-      const float w = exp2f(__ldcg(ml + 2 * s) - M);
-      L += __ldcg(ml + 2 * s + 1) * w;
+      const float w = exp2f(ml[2 * s] - M);
+      L += ml[2 * s + 1] * w;
       A += __ldcg(part_acc + (head * ns + s) * HD + d) * w;
     }
     out[head * HD + d] = from_f(A / L);
