@@ -15,6 +15,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -192,16 +193,25 @@ def replay_ms(engine, batch: int, reps: int = 20) -> float | None:
 
 
 def profile_step(engine, batch: int, path: Path) -> None:
-    """Per-kernel device times of one eager decode step (the last step's inputs), written to `path`."""
+    """Per-kernel device times of one eager decode step (the last step's inputs, PDL off), written to `path`."""
     from torch.profiler import ProfilerActivity, profile
+
+    from workers.kernels import _nvrtc
 
     graphs = engine.decode_graphs
     bucket = next((x for x in graphs.buckets if x >= batch), None)
-    graphs._forward(bucket)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    # without programmatic dependent launch: a kernel launched early would count its wait as its own time
+    os.environ["ORCH_PDL"] = "0"
+    _nvrtc._pdl_enabled.cache_clear()
+    try:
         graphs._forward(bucket)
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graphs._forward(bucket)
+            torch.cuda.synchronize()
+    finally:
+        del os.environ["ORCH_PDL"]
+        _nvrtc._pdl_enabled.cache_clear()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     path.write_text(table)
     log.info("profile of a batch-%d decode step:\n%s", batch, table)

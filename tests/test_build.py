@@ -48,7 +48,7 @@ def test_kernel_specs_follow_model_shape():
     assert attn == {"DTYPE": 2, "GROUP": 4, "HD": 16}
     assert dict(kernel_specs(cfg, 2, "float32")[-1].defines) == {"DTYPE": 0, "GROUP": 4, "HD": 16}
     assert sources_hash(specs) != sources_hash(kernel_specs(cfg, 1, "float16"))
-    assert "#define HD 16" in specs[-1].source() and "paged_decode" in specs[-1].source()
+    assert "#define HD 16" in specs[-1].source() and "paged_decode_combine" in specs[-1].source()
 
 
 def test_engine_manifest_reading(tmp_path):

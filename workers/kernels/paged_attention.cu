@@ -4,8 +4,8 @@
 // over split s of sequence b's visible keys; TPT = HD/8 lanes share one key (8 dims each), so a block
 // walks NSUB keys at a time. Keys visible to the query at position ctx-1: [max(0, ctx - window), ctx)
 // (window 0: all). Split length = max(ceil(n / NS), min_split); splits past the end do nothing.
-// NS == 1 writes out directly; otherwise partial sums go to part_acc / part_ml and the last split block
-// of each (sequence, KV head) to finish merges them (a per-pair counter in `counters`, left at 0). Scores are kept in log2 units (q is pre-scaled by scale * log2(e)).
+// NS == 1 writes out directly; otherwise partial sums go to part_acc / part_ml and paged_decode_combine
+// finishes. Scores are kept in log2 units (q is pre-scaled by scale * log2(e)).
 #ifndef HD
 #define HD 128
 #endif
@@ -30,11 +30,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS)
 paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t* __restrict__ k_cache,
              const scalar_t* __restrict__ v_cache, const int* __restrict__ block_tables, int maxb,
              const int* __restrict__ context_lens, scalar_t* __restrict__ out, float* __restrict__ part_acc,
-             float* __restrict__ part_ml, int* __restrict__ counters, int nkv, int block_size, float scale_log2,
-             int window, int min_split) {
+             float* __restrict__ part_ml, int nkv, int block_size, float scale_log2, int window, int min_split) {
   __shared__ float sm_acc[NSUB][GROUP][HD];
   __shared__ float sm_m[NSUB][GROUP], sm_l[NSUB][GROUP];
-  __shared__ int sm_last;
   pdl_start();
   const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, ns = gridDim.z;
   const int nh = nkv * GROUP;
@@ -194,41 +192,28 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
       }
     }
   }
-  if (ns == 1) return;
-  // The last of this (sequence, KV head)'s splits to finish merges them all (no combine kernel): its
-  // counter goes back to 0 for the next launch (CUDA graphs replay the same buffer).
-  const int used = (ctx - lo + split_len - 1) / split_len;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    int* cnt = counters + (long long)b * nkv + kvh;
-    sm_last = atomicAdd(cnt, 1) == used - 1;
-    if (sm_last) *cnt = 0;
+}
+
+// Merge the splits written by paged_decode: grid (nh, B), HD threads.
+extern "C" __global__ void paged_decode_combine(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
+                                                const int* __restrict__ context_lens, scalar_t* __restrict__ out,
+                                                int nh, int ns, int window, int min_split) {
+  pdl_start();
+  const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+  const int ctx = context_lens[b];
+  const int lo = window > 0 ? max(0, ctx - window) : 0;
+  const int n = ctx - lo;
+  const int split_len = split_length(n, ns, min_split);
+  const int used = min(ns, (n + split_len - 1) / split_len);
+  const long long head = (long long)b * nh + h;
+  const float* ml = part_ml + head * ns * 2;
+  float M = -INFINITY;
+  for (int s = 0; s < used; ++s) M = fmaxf(M, ml[2 * s]);
+  float L = 0.f, A = 0.f;
+  for (int s = 0; s < used; ++s) {
+    const float w = exp2f(ml[2 * s] - M);
+    L += ml[2 * s + 1] * w;
+    A += part_acc[(head * ns + s) * HD + d] * w;
   }
-  __syncthreads();
-  if (!sm_last) return;
-  __threadfence();
-  // the splits' (max, sum) of the GROUP heads into shared memory (independent loads, all in flight),
-  // then each (head, dim) sums its splits' accumulators
-  float* ml_s = &sm_acc[0][0][0];   // reused: GROUP * ns * 2 <= NSUB * GROUP * HD floats
-  for (int i = tid; i < GROUP * used * 2; i += NTHREADS) {
-    const int g = i / (used * 2), r = i - g * used * 2;
-    ml_s[i] = __ldcg(part_ml + ((long long)b * nh + kvh * GROUP + g) * ns * 2 + r);
-  }
-  __syncthreads();
-  for (int idx = tid; idx < GROUP * HD; idx += NTHREADS) {
-    const int g = idx / HD, d = idx - g * HD;
-    const long long head = (long long)b * nh + kvh * GROUP + g;
-    const float* ml = ml_s + g * used * 2;
-    float M = -INFINITY;
-    for (int s = 0; s < used; ++s) M = fmaxf(M, ml[2 * s]);
-    float L = 0.f, A = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < used; ++s) {
-      const float w = exp2f(ml[2 * s] - M);
-      L += ml[2 * s + 1] * w;
-      A += __ldcg(part_acc + (head * ns + s) * HD + d) * w;
-    }
-    out[head * HD + d] = from_f(A / L);
-  }
+  out[head * HD + d] = from_f(A / L);
 }

@@ -10,17 +10,6 @@ from workers.kernels._nvrtc import f32, function, i32, i64, launch, ptr, spec
 
 THREADS = 128
 SMEM_LIMIT = 48 * 1024
-_counters: dict[torch.device, torch.Tensor] = {}   # per device: one int32 per (sequence, KV head), kept at 0
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """The zeroed counters through which the last split of each (sequence, KV head) finds out it is last."""
-    buf = _counters.get(device)
-    if buf is None or buf.numel() < n:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode attention's split counters must be allocated before graph capture")
-        buf = _counters[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return buf
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -53,13 +42,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if ns > 1:
         part_acc = torch.empty(B, nh, ns, hd, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(B, nh, ns, 2, dtype=torch.float32, device=q.device)
-        counters = _split_counters(q.device, B * nkv)
     else:
-        part_acc = part_ml = counters = None
+        part_acc = part_ml = None
     s = spec("paged_attention", q.dtype, HD=hd, GROUP=nh // nkv)
     window = int(sliding_window or 0)
     launch(function(s, "paged_decode"), (nkv, B, ns), (THREADS,),
            (ptr(q), i64(q.stride(0)), ptr(k_cache), ptr(v_cache), ptr(bt), i32(bt.shape[1]), ptr(cl), ptr(out),
-            ptr(part_acc), ptr(part_ml), ptr(counters), i32(nkv), i32(block_size), f32(scale * math.log2(math.e)),
-            i32(window), i32(t.attention_min_split)))
+            ptr(part_acc), ptr(part_ml), i32(nkv), i32(block_size), f32(scale * math.log2(math.e)), i32(window),
+            i32(t.attention_min_split)))
+    if ns > 1:
+        launch(function(s, "paged_decode_combine"), (nh, B), (hd,),
+               (ptr(part_acc), ptr(part_ml), ptr(cl), ptr(out), i32(nh), i32(ns), i32(window),
+                i32(t.attention_min_split)))
     return out
