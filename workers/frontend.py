@@ -6,8 +6,9 @@ and the Prometheus metrics; the front end keeps the gRPC server (orch.v1, KServe
 reflection), request validation, tokenization, detokenization and stop strings.
 
 Messages, pickled tuples over one duplex multiprocessing pipe:
-  front end -> engine: ("ready", port) or ("error", message) once, at start-up; then ("add", seq_id,
-                       GenerationRequest), ("abort", seq_id, completed), ("rejected",)
+  front end -> engine: ("ready", port) or ("error", message) once, at start-up; then ("batch", [msg...])
+                       once per turn of its event loop, each msg ("add", seq_id, GenerationRequest),
+                       ("abort", seq_id, completed) or ("rejected",)
   engine -> front end: ("out", [(seq_id, packed SeqOutput | RequestError)...]) once per step,
                        ("health", ok), ("stop", grace_s)
 """
@@ -77,15 +78,16 @@ class EngineBridge:
                 msg = self.conn.recv()
             except (EOFError, OSError):
                 break
-            op = msg[0]
-            if op == "add":
-                live.add(msg[1])
-                self.loop.submit(msg[2], self._sink(msg[1]), seq_id=msg[1])
-            elif op == "abort":
-                live.discard(msg[1])
-                self.loop.abort(msg[1], msg[2])
-            elif op == "rejected":
-                self.loop.count_rejected()
+            for m in msg[1] if msg[0] == "batch" else [msg]:
+                op = m[0]
+                if op == "add":
+                    live.add(m[1])
+                    self.loop.submit(m[2], self._sink(m[1]), seq_id=m[1])
+                elif op == "abort":
+                    live.discard(m[1])
+                    self.loop.abort(m[1], m[2])
+                elif op == "rejected":
+                    self.loop.count_rejected()
         for seq_id in live:  # the front end is gone: nobody reads these any more
             self.loop.abort(seq_id)
 
@@ -116,6 +118,7 @@ class EngineClient:
         self._sinks: dict[int, Sink] = {}
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
+        self._outbox: list[tuple] = []
         self._reader = threading.Thread(target=self._read, name="engine-client", daemon=True)
 
     def start(self) -> None:
@@ -124,18 +127,29 @@ class EngineClient:
     def submit(self, req: GenerationRequest, sink: Sink) -> int:
         seq_id = next(self._ids)
         self._sinks[seq_id] = sink
-        self._send(("add", seq_id, req))
+        self._queue(("add", seq_id, req))
         return seq_id
 
     def abort(self, seq_id: int, completed: bool = False) -> None:
         if self._sinks.pop(seq_id, None) is not None:
-            self._send(("abort", seq_id, completed))
+            self._queue(("abort", seq_id, completed))
 
     def count_rejected(self) -> None:
-        self._send(("rejected",))
+        self._queue(("rejected",))
 
-    def _send(self, msg: tuple) -> None:
-        if not send_locked(self.conn, self._send_lock, msg):
+    def _queue(self, msg: tuple) -> None:
+        """Event-loop thread: what one turn of the loop asks of the engine goes in one pipe message, so that
+        the engine process's reader thread takes its GIL once per turn rather than once per request."""
+        self._outbox.append(msg)
+        if len(self._outbox) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self._send_outbox)
+            except RuntimeError:   # not on an event loop (e.g. a plain thread): send now
+                self._send_outbox()
+
+    def _send_outbox(self) -> None:
+        msgs, self._outbox = self._outbox, []
+        if msgs and not send_locked(self.conn, self._send_lock, ("batch", msgs)):
             self.healthy = False
 
     def _read(self) -> None:

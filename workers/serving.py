@@ -96,6 +96,7 @@ class EngineLoop:
         self._arrivals: dict[int, float] = {}
         self._last_token: dict[int, float] = {}
         self._seen_queried = self._seen_hits = 0
+        self._ready: list[tuple[list[SeqOutput], float, Any]] = []   # steps whose outputs are not handed out yet
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stop = False
         self.flush_hooks: list[Callable[[], None]] = []  # called after each round of sink calls
@@ -164,28 +165,37 @@ class EngineLoop:
                 return
 
     def _run(self) -> None:
-        # A step's outputs are handed to the RPC threads once the next step's GPU work is queued
-        # (on_launched), so that their Python work overlaps the GPU's instead of the engine's host
-        # work; with nothing more to run they go at once.
+        # A step's outputs are handed out (metrics, sinks, the front end's pipe) once the next step's
+        # GPU work is queued (on_launched), so that this Python work overlaps the GPU's instead of
+        # adding to the engine's host time; with nothing more to run they go at once.
         while not self._stop:
             if not self.scheduler.has_work():
-                self._flush()
+                self._hand_out()
             self._drain(block=not self.scheduler.has_work())
             self._update_gauges()
             if self._stop or not self.scheduler.has_work():
                 continue
             try:
-                outs = self.scheduler.step(self.run_step, on_launched=self._flush)
+                outs = self.scheduler.step(self.run_step, on_launched=self._hand_out)
             except Exception as e:  # the engine failed: fail every request, keep answering
                 log.exception("engine step failed")
                 self.healthy = False
+                self._hand_out()
                 self._fail_all(e)
                 self._flush()
                 continue
-            self._deliver(outs)
+            self._ready.append((outs, time.monotonic(), self.scheduler.last_stats))
             if not outs:  # nothing ran (e.g. no KV blocks free yet): nothing will call on_launched
-                self._flush()
+                self._hand_out()
+        self._hand_out()
         self._fail_all(RequestError("UNAVAILABLE", "server is shutting down"))
+        self._flush()
+
+    def _hand_out(self) -> None:
+        """Deliver the finished steps' outputs, then flush them to the readers."""
+        ready, self._ready = self._ready, []
+        for outs, t, stats in ready:
+            self._deliver(outs, t, stats)
         self._flush()
 
     def _flush(self) -> None:
@@ -207,8 +217,9 @@ class EngineLoop:
         self._arrivals.pop(seq_id, None)
         self._last_token.pop(seq_id, None)
 
-    def _deliver(self, outs: list[SeqOutput]) -> None:
-        m, s, now = self.metrics, self.scheduler, time.monotonic()
+    def _deliver(self, outs: list[SeqOutput], now: float, stats: Any) -> None:
+        """Metrics and sinks of one step's outputs (`now`: when the step finished)."""
+        m = self.metrics
         m.generated_tokens.inc(sum(len(o.token_ids) for o in outs))
         for o in outs:
             sink = self._sinks.get(o.seq_id)
@@ -224,8 +235,8 @@ class EngineLoop:
                 self._forget(o.seq_id)
             if sink is not None:
                 sink(o)
-        m.preemptions.inc(s.last_stats.num_preempted)
-        m.step_tokens.observe(s.last_stats.num_tokens)
+        m.preemptions.inc(stats.num_preempted)
+        m.step_tokens.observe(stats.num_tokens)
         self._update_gauges()
 
     def _update_gauges(self) -> None:
