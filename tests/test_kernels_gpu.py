@@ -160,7 +160,7 @@ def test_paged_decode_attention_is_deterministic():
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (7, 24), (1027, 14336), (6144, 4096)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("choice", [(1, 4, True), (1, 4, False), (1, 8, False), (1, 16, True), (2, 4, True), (2, 4, False)])
+@pytest.mark.parametrize("choice", [(1, 4, True), (1, 4, False), (1, 8, False), (2, 4, True), (2, 4, False)])
 def test_gemv(dtype, M, N, K, bias, choice):
     x = rnd(M, K, dtype=dtype)
     w = rnd(N, K, dtype=dtype, scale=K ** -0.5)

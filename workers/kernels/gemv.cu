@@ -1,7 +1,6 @@
 // Skinny GEMM for decode: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), M small (1..8, compile-time per kernel).
 // Each warp owns ROWS consecutive output rows: its lanes stream those rows of W in 8-element (16-byte)
-// vectors, ROWS * UNROLL loads in flight per lane (marked no-L1-allocate: W is read once; held raw until
-// used), and dot them
+// vectors, ROWS * UNROLL loads in flight per lane (marked no-L1-allocate: W is read once), and dot them
 // with the M rows of x (re-read from L1); fp32 accumulation. Needs K % 8 == 0 and 16-byte aligned rows.
 // Warps walk the row groups grid-stride; the launch sizes the grid (to what the GPU holds at once: no
 // wave tail of short blocks; or one row group per warp: the block scheduler balances), as tuned.
@@ -16,16 +15,14 @@
 #define UNROLL (8 / ROWS)   // 16-byte loads in flight per lane and row
 #endif
 
-// 8 weights, read once (no L1 allocation), kept raw in registers until they are used: a lane can then
-// hold more loads in flight for the same registers.
-__device__ __forceinline__ raw8 load_raw8_stream(const scalar_t* p) {
+__device__ __forceinline__ void load8_stream(const scalar_t* p, float* f) {
 #if DTYPE == 0
-  return load_raw8(p);
+  load8(p, f);
 #else
-  raw8 r;
+  uint4 u;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.a.x), "=r"(r.a.y), "=r"(r.a.z), "=r"(r.a.w) : "l"(p));
-  return r;
+               : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w) : "l"(p));
+  unpack2(u.x, f[0], f[1]); unpack2(u.y, f[2], f[3]); unpack2(u.z, f[4], f[5]); unpack2(u.w, f[6], f[7]);
 #endif
 }
 
@@ -60,28 +57,18 @@ __device__ __forceinline__ void gemv_body(const scalar_t* __restrict__ x, long l
 #pragma unroll
       for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
     for (int base = lane; base < K8; base += 32 * UNROLL) {
-      raw8 wr[R][UNROLL];
+      float wf[R][UNROLL][8];
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
           const int c = base + u * 32;
-          if (c < K8 && WOK(n0, r)) wr[r][u] = load_raw8_stream(W + WROW(n0, r) * K + c * 8);
+          if (c < K8 && WOK(n0, r)) load8_stream(W + WROW(n0, r) * K + c * 8, wf[r][u]);
         }
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         const int c = base + u * 32;
         if (c < K8) {
-          float wf[R][8];
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            if (WOK(n0, r)) {
-              unraw8(wr[r][u], wf[r]);
-            } else {
-#pragma unroll
-              for (int e = 0; e < 8; ++e) wf[r][e] = 0.f;
-            }
-          }
 #pragma unroll
           for (int m = 0; m < M; ++m) {
             float xf[8];
@@ -89,7 +76,7 @@ __device__ __forceinline__ void gemv_body(const scalar_t* __restrict__ x, long l
 #pragma unroll
             for (int r = 0; r < R; ++r)
 #pragma unroll
-              for (int e = 0; e < 8; ++e) acc[r][m] += wf[r][e] * xf[e];
+              for (int e = 0; e < 8; ++e) acc[r][m] += wf[r][u][e] * xf[e];
           }
         }
       }

@@ -12,7 +12,7 @@ MAX_M = 8
 WARPS = 4
 # (output rows per warp, 16-byte loads in flight per lane and row), grid (True: sized to the GPU, grid-
 # stride; False: one row group per warp): the launch choices the build times for each weight shape.
-VARIANTS = ((1, 4), (1, 8), (1, 16), (2, 4))
+VARIANTS = ((1, 4), (1, 8), (2, 4))
 CHOICES = tuple((r, u, g) for r, u in VARIANTS for g in (True, False))
 
 
