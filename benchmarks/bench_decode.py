@@ -11,7 +11,6 @@ the baseline. Writes {"name","date","device","command","metrics":{...},"notes":[
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import hashlib
 import json
@@ -218,25 +217,6 @@ def profile_step(engine, batch: int, path: Path) -> None:
     log.info("profile of a batch-%d decode step:\n%s", batch, table)
 
 
-class _PerTensorUpload:
-    """Each step tensor with its own blocking, pageable copy (what the engine did before workers/staging.py)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def upload(self, i64, i32):
-        return [torch.tensor(a, device=self.device) for a in i64], [torch.tensor(a, device=self.device) for a in i32]
-
-
-@contextlib.contextmanager
-def _per_tensor_upload(engine):
-    saved, engine._uploader = engine._uploader, _PerTensorUpload(engine.device)
-    try:
-        yield
-    finally:
-        engine._uploader = saved
-
-
 def bench_mixed(engine, out_dir: Path, batches=(64, 240), ctx: int = 192, reps: int = 8) -> dict:
     """Wall ms of one engine step: B decodes alone (CUDA graph), B decodes + prefill chunks of 128 tokens
     (1 or 14 chunks: what a serving step admits; these run eagerly), and the prefill chunks alone.
@@ -275,11 +255,6 @@ def bench_mixed(engine, out_dir: Path, batches=(64, 240), ctx: int = 192, reps: 
         out[f"mixed_bs{b}_decode_plus_14x128_ms"] = wall(decodes + prefills)
         out["mixed_prefill_1x128_ms"] = wall(prefills[:1])
         out["mixed_prefill_14x128_ms"] = wall(prefills)
-        # the same steps with each metadata tensor copied on its own (blocking, pageable): the baseline of
-        # the one-copy upload, measured on this machine (eager steps are host-bound: hosts differ)
-        with _per_tensor_upload(engine):
-            out[f"mixed_bs{b}_decode_plus_1x128_per_tensor_copies_ms"] = wall(decodes + prefills[:1])
-            out["mixed_prefill_1x128_per_tensor_copies_ms"] = wall(prefills[:1])
         log.info("mixed steps, batch %d: %s", b, {k: v for k, v in out.items() if f"bs{b}_" in k or "prefill_" in k})
         if b == max(batches):
             engine.step(StepInput(decodes + prefills[:1]))

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Any
 
-import numpy as np
 import torch
 
 from orchestrator.errors import CheckpointError
@@ -23,7 +22,6 @@ from workers.dist import DistContext
 from workers.layout import local_heads, stage_layers
 from workers.models.config import ModelConfig
 from workers.models.llama import ForwardBatch, LlamaStage
-from workers.staging import Uploader
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +143,6 @@ class Engine:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in self.model.layers]
         self._stopped = False
-        self._uploader: Uploader | None = None   # CUDA: step metadata in one pinned copy
         self.decode_graphs = None   # GPU: engine-dir pins checked, tuned kernels loaded, decode under CUDA graphs
         if kernels and cuda_graphs and (dist is None or dist.world_size == 1):
             from workers.cuda_graphs import make_decode_graphs
@@ -238,21 +235,20 @@ class Engine:
         cu = [0]
         for c in prefill:
             cu.append(cu[-1] + len(c.token_ids))
-        i64 = [np.array(a, dtype=np.int64) for a in
-               (ids, pos, slots, [row_of[c.seq_id] for c in chunks if c.want_logits])]
-        i32 = [_block_tables(decode), np.array([c.start_pos + 1 for c in decode], dtype=np.int32),
-               np.array(cu, dtype=np.int32),
-               np.array([c.start_pos + len(c.token_ids) for c in prefill], dtype=np.int32), _block_tables(prefill)]
-        if self.device.type == "cuda":   # one pinned, non-blocking copy for all of them
-            if self._uploader is None:
-                self._uploader = Uploader(self.device)
-            (t_ids, t_pos, t_slots, t_rows), (d_bt, d_ctx, t_cu, p_ctx, p_bt) = self._uploader.upload(i64, i32)
-        else:
-            (t_ids, t_pos, t_slots, t_rows), (d_bt, d_ctx, t_cu, p_ctx, p_bt) = (
-                [torch.from_numpy(a) for a in i64], [torch.from_numpy(a) for a in i32])
-        return ForwardBatch(input_ids=t_ids, positions=t_pos, slot_mapping=t_slots, num_decode=len(decode),
-                            decode_block_tables=d_bt, decode_context_lens=d_ctx, prefill_cu_seqlens=t_cu,
-                            prefill_context_lens=p_ctx, prefill_block_tables=p_bt, logit_rows=t_rows)
+        dev, i32, i64 = self.device, torch.int32, torch.int64
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=i64, device=dev),
+            positions=torch.tensor(pos, dtype=i64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=i64, device=dev),
+            num_decode=len(decode),
+            decode_block_tables=_block_tables(decode, dev),
+            decode_context_lens=torch.tensor([c.start_pos + 1 for c in decode], dtype=i32, device=dev),
+            prefill_cu_seqlens=torch.tensor(cu, dtype=i32, device=dev),
+            prefill_context_lens=torch.tensor([c.start_pos + len(c.token_ids) for c in prefill], dtype=i32,
+                                              device=dev),
+            prefill_block_tables=_block_tables(prefill, dev),
+            logit_rows=torch.tensor([row_of[c.seq_id] for c in chunks if c.want_logits], dtype=i64, device=dev),
+        )
 
     def _execute(self, step: StepInput) -> torch.Tensor | None:
         """This rank's share of a step; the driver gets the logits, other ranks None."""
@@ -288,13 +284,11 @@ class Engine:
         return None
 
 
-def _block_tables(chunks: list[SeqChunk]) -> np.ndarray:
+def _block_tables(chunks: list[SeqChunk], device: torch.device) -> torch.Tensor:
     """[len(chunks), max blocks] int32, short rows padded with block 0."""
     width = max((len(c.block_table) for c in chunks), default=0)
-    out = np.zeros((len(chunks), width), dtype=np.int32)
-    for i, c in enumerate(chunks):
-        out[i, :len(c.block_table)] = c.block_table
-    return out
+    rows = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
+    return torch.tensor(rows, dtype=torch.int32, device=device).reshape(len(chunks), width)
 
 
 # --- ranks ----------------------------------------------------------------------------------------
