@@ -119,6 +119,7 @@ class EngineClient:
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._outbox: list[tuple] = []
+        self._outbox_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="engine-client", daemon=True)
 
     def start(self) -> None:
@@ -140,15 +141,18 @@ class EngineClient:
     def _queue(self, msg: tuple) -> None:
         """Event-loop thread: what one turn of the loop asks of the engine goes in one pipe message, so that
         the engine process's reader thread takes its GIL once per turn rather than once per request."""
-        self._outbox.append(msg)
-        if len(self._outbox) == 1:
+        with self._outbox_lock:    # also called from executor threads (a long prompt's rejection)
+            self._outbox.append(msg)
+            first = len(self._outbox) == 1
+        if first:
             try:
                 asyncio.get_running_loop().call_soon(self._send_outbox)
-            except RuntimeError:   # not on an event loop (e.g. a plain thread): send now
+            except RuntimeError:   # not on an event loop (e.g. a worker thread): send now
                 self._send_outbox()
 
     def _send_outbox(self) -> None:
-        msgs, self._outbox = self._outbox, []
+        with self._outbox_lock:
+            msgs, self._outbox = self._outbox, []
         if msgs and not send_locked(self.conn, self._send_lock, ("batch", msgs)):
             self.healthy = False
 

@@ -24,7 +24,7 @@ from workers.engine import StepInput
 from workers.metrics import ServerMetrics
 from workers.models.config import ModelConfig
 from workers.sampling import InvalidParams, SamplingParams
-from workers.scheduler import Scheduler, SchedulerConfig, SeqOutput
+from workers.scheduler import Scheduler, SchedulerConfig, SeqOutput, StepStats
 from workers.sequence import FinishReason, Sequence
 from workers.tokenizer import TextStream, Tokenizer
 
@@ -96,7 +96,7 @@ class EngineLoop:
         self._arrivals: dict[int, float] = {}
         self._last_token: dict[int, float] = {}
         self._seen_queried = self._seen_hits = 0
-        self._ready: list[tuple[list[SeqOutput], float, Any]] = []   # steps whose outputs are not handed out yet
+        self._ready: list[tuple[list[SeqOutput], float, StepStats]] = []   # steps whose outputs are not handed out yet
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stop = False
         self.flush_hooks: list[Callable[[], None]] = []  # called after each round of sink calls
@@ -217,7 +217,7 @@ class EngineLoop:
         self._arrivals.pop(seq_id, None)
         self._last_token.pop(seq_id, None)
 
-    def _deliver(self, outs: list[SeqOutput], now: float, stats: Any) -> None:
+    def _deliver(self, outs: list[SeqOutput], now: float, stats: StepStats) -> None:
         """Metrics and sinks of one step's outputs (`now`: when the step finished)."""
         m = self.metrics
         m.generated_tokens.inc(sum(len(o.token_ids) for o in outs))
