@@ -55,15 +55,9 @@ def bench_attention(out: dict) -> None:
         cl = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
         q = torch.randn(b, nh, hd, device="cuda", dtype=dt)
         kv_bytes = 2 * b * ctx * nkv * hd * 2
-        for tag, tile in (("", 1), ("_online", 0)):   # softmax per key batch (the default) or per key
-            spec0 = paged_attention.spec
-            paged_attention.spec = lambda *a, t=tile, **kw: spec0(*a, TILE_SOFTMAX=t, **kw)
-            try:
-                ms = time_ms(lambda i: paged_attention.paged_decode_attention(q, kc, vc, bt, cl, hd ** -0.5), 1, reps=30)
-            finally:
-                paged_attention.spec = spec0
-            out[f"attn_b{b}_ctx{ctx}{tag}_us"] = round(ms * 1e3, 1)
-            out[f"attn_b{b}_ctx{ctx}{tag}_gb_s"] = round(kv_bytes / (ms / 1e3) / 1e9, 1)
+        ms = time_ms(lambda i: paged_attention.paged_decode_attention(q, kc, vc, bt, cl, hd ** -0.5), 1, reps=30)
+        out[f"attn_b{b}_ctx{ctx}_us"] = round(ms * 1e3, 1)
+        out[f"attn_b{b}_ctx{ctx}_gb_s"] = round(kv_bytes / (ms / 1e3) / 1e9, 1)
         del kc, vc
 
 

@@ -78,14 +78,13 @@ class EngineBridge:
                 msg = self.conn.recv()
             except (EOFError, OSError):
                 break
-            for m in msg[1] if msg[0] == "batch" else [msg]:
-                op = m[0]
+            for op, *args in msg[1]:   # ("batch", [...]): all the front end sends after start-up
                 if op == "add":
-                    live.add(m[1])
-                    self.loop.submit(m[2], self._sink(m[1]), seq_id=m[1])
+                    live.add(args[0])
+                    self.loop.submit(args[1], self._sink(args[0]), seq_id=args[0])
                 elif op == "abort":
-                    live.discard(m[1])
-                    self.loop.abort(m[1], m[2])
+                    live.discard(args[0])
+                    self.loop.abort(*args)
                 elif op == "rejected":
                     self.loop.count_rejected()
         for seq_id in live:  # the front end is gone: nobody reads these any more

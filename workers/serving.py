@@ -133,17 +133,18 @@ class EngineLoop:
             self._thread.join(timeout)
 
     # --- the engine thread ---
-    def _handle(self, op: str, arg, sink: Sink | None) -> None:
+    def _handle(self, op: str, arg, extra) -> None:
+        """One inbox item: ("add", Sequence, sink), ("abort", seq_id, completed) or ("stop", None, None)."""
         if op == "add":
             self.scheduler.add(arg)
-            self._sinks[arg.seq_id] = sink
+            self._sinks[arg.seq_id] = extra
             self._arrivals[arg.seq_id] = arg.arrival_time
             self.metrics.prompt_tokens.inc(arg.num_prompt_tokens)
-        elif op == "abort":   # `sink` carries `completed` here
+        elif op == "abort":
             if self.scheduler.abort(arg) is not None:
-                if sink:
+                if extra:   # completed: it ended on a stop string
                     m = self.metrics
-                    m.e2e.observe(time.monotonic() - self._arrivals.get(arg, time.monotonic()))
+                    m.e2e.observe(time.monotonic() - self._arrival(arg))
                     m.requests.labels("completed").inc()
                 else:
                     self.metrics.requests.labels("cancelled").inc()
@@ -225,12 +226,12 @@ class EngineLoop:
             sink = self._sinks.get(o.seq_id)
             prev = self._last_token.get(o.seq_id)
             if prev is None:
-                m.ttft.observe(now - self._arrival(o))
+                m.ttft.observe(now - self._arrival(o.seq_id))
             else:
                 m.itl.observe(now - prev)
             self._last_token[o.seq_id] = now
             if o.finished:
-                m.e2e.observe(now - self._arrival(o))
+                m.e2e.observe(now - self._arrival(o.seq_id))
                 m.requests.labels("completed").inc()
                 self._forget(o.seq_id)
             if sink is not None:
@@ -251,8 +252,8 @@ class EngineLoop:
         self._seen_queried, self._seen_hits = bm.queried_tokens, bm.hit_tokens
         m.prefix_hit_rate.set(bm.hit_rate())
 
-    def _arrival(self, o: SeqOutput) -> float:
-        return self._arrivals.get(o.seq_id, time.monotonic())
+    def _arrival(self, seq_id: int) -> float:
+        return self._arrivals.get(seq_id, time.monotonic())
 
 
 class _AioDispatch:

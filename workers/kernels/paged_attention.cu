@@ -15,9 +15,6 @@
 #define NTHREADS 128
 #define TPT (HD / 8)
 #define NSUB (NTHREADS / TPT)
-#ifndef TILE_SOFTMAX
-#define TILE_SOFTMAX 1   // 0: online softmax per key (kept to compare)
-#endif
 #ifndef UNROLL
 #define UNROLL (GROUP >= 8 ? 2 : 4)   // keys in flight per subgroup (register budget: GROUP x 16 accumulators)
 #endif
@@ -81,7 +78,6 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
         vr[u] = load_raw8(v_cache + slot[u] * tok_stride + head_off);
       }
     }
-#if TILE_SOFTMAX
     // the UNROLL keys' scores first, then one max / rescale per head for all of them
     float sc[UNROLL][GROUP];
 #pragma unroll
@@ -128,35 +124,6 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
           for (int e = 0; e < 8; ++e) acc[g][e] += sc[u][g] * vf[e];
         }
     }
-#else
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      float kf[8], vf[8];
-      if (ok[u]) {
-        unraw8(kr[u], kf);
-        unraw8(vr[u], vf);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) kf[e] = vf[e] = 0.f;
-      }
-#pragma unroll
-      for (int g = 0; g < GROUP; ++g) {
-        float s = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) s += qr[g][e] * kf[e];
-#pragma unroll
-        for (int o = TPT / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (ok[u]) {
-          const float mn = fmaxf(m[g], s);
-          const float a = exp2f(m[g] - mn), p = exp2f(s - mn);
-          l[g] = l[g] * a + p;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[g][e] = acc[g][e] * a + p * vf[e];
-          m[g] = mn;
-        }
-      }
-    }
-#endif
   }
 #pragma unroll
   for (int g = 0; g < GROUP; ++g) {
