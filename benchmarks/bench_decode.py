@@ -110,10 +110,13 @@ def load_engine(engine_dir: Path, kv_reserve_gb: float = 6.0):
 
 
 def run_workload(engine, batch: int, isl: int, osl: int, budget_s: float, prefill_tokens: int = 8192,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, ahead: bool = True) -> dict:
     """Prefill `batch` prompts of isl tokens (chunked), then greedy-decode; stops decoding when the
     time budget is spent. The first decode step is left out of the timing and of the token count
-    (it may capture a CUDA graph). Returns timings and the tokens counted."""
+    (it may capture a CUDA graph). `ahead`: each decode step is launched before the previous one's
+    tokens are read back (its inputs are that step's argmax on the device, as the scheduler runs
+    ahead); else lockstep. Either way every step's tokens are read back. Returns timings and the
+    tokens counted."""
     from workers.engine import SeqChunk, StepInput
 
     g = torch.Generator().manual_seed(seed)
@@ -139,14 +142,26 @@ def run_workload(engine, batch: int, isl: int, osl: int, budget_s: float, prefil
             if c.want_logits:
                 last[c.seq_id] = next(rows)
     t_prefill = time.perf_counter() - t0
+    ids = None
     if osl > 1:   # first decode step untimed: it may capture the bucket's CUDA graph (one-off, ~0.1-1 s)
         chunks = [SeqChunk(i, [last[i]], isl, tables[i]) for i in range(batch)]
-        last = engine.step(StepInput(chunks)).argmax(-1).tolist()
+        ids = engine.step(StepInput(chunks)).argmax(-1)
+        last = ids.tolist()
     steps = 1 if osl > 1 else 0
     t1 = time.perf_counter()
+    host = torch.empty(batch, dtype=torch.int64, pin_memory=True)
     for step in range(1, osl - 1):
-        chunks = [SeqChunk(i, [last[i]], isl + step, tables[i]) for i in range(batch)]
-        last = engine.step(StepInput(chunks)).argmax(-1).tolist()
+        if ahead:   # copy step-1's tokens back in stream order, launch this step on them, then read them
+            host.copy_(ids, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            chunks = [SeqChunk(i, [0], isl + step, tables[i]) for i in range(batch)]
+            ids = engine.step(StepInput(chunks, input_ids=ids)).argmax(-1)
+            copied.synchronize()
+            last = host.tolist()
+        else:
+            chunks = [SeqChunk(i, [last[i]], isl + step, tables[i]) for i in range(batch)]
+            last = engine.step(StepInput(chunks)).argmax(-1).tolist()
         steps += 1
         if time.perf_counter() - t1 > budget_s:
             break
@@ -269,25 +284,34 @@ def bench_mixed(engine, out_dir: Path, batches=(64, 240), ctx: int = 192, reps: 
 
 
 def bench_bs1(engine, copy_gbs: float, isl: int = 128, steps: int = 512) -> dict:
-    """Batch-1 decode tokens/s (wall clock through engine.step) and the roofline ratio."""
+    """Batch-1 decode tokens/s (wall clock through engine.step, each step launched ahead of reading the
+    last one's token) and the roofline ratio; the same in lockstep alongside."""
+    lock = run_workload(engine, 1, isl, steps + 1, budget_s=120, ahead=False)
     r = run_workload(engine, 1, isl, steps + 1, budget_s=120)
     tok_s = r["decode_steps"] / r["decode_s"]
     bytes_step = decode_step_bytes(engine, isl + r["decode_steps"] // 2)
     roof = copy_gbs * 1e9 / bytes_step
     graph_ms = replay_ms(engine, 1, reps=50)
     return {"decode_bs1_tok_s": round(tok_s, 2), "decode_bs1_roofline_tok_s": round(roof, 2),
+            "decode_bs1_lockstep_tok_s": round(lock["decode_steps"] / lock["decode_s"], 2),
             "decode_bs1_roofline_ratio": round(tok_s / roof, 4), "decode_bs1_step_bytes": bytes_step,
             "decode_bs1_graph_replay_ms": None if graph_ms is None else round(graph_ms, 4),
             "decode_bs1_graph_only_roofline_ratio": None if graph_ms is None else
             round(bytes_step / (graph_ms / 1e3) / (copy_gbs * 1e9), 4)}
 
 
-def bench_throughput(engine, workloads, batches, budget_s: float) -> tuple[dict, list[str]]:
-    """Output tokens/s (prefill included) per ISL/OSL and batch size."""
+def bench_throughput(engine, workloads, batches, budget_s: float,
+                     lockstep_too: bool = False) -> tuple[dict, list[str]]:
+    """Output tokens/s (prefill included) per ISL/OSL and batch size (decode steps run ahead); with
+    `lockstep_too`, each point also in lockstep, run first."""
     metrics, notes = {}, []
     for isl, osl in workloads:
         for want in batches:
             b = max_batch_for(engine, isl, osl, want)
+            if lockstep_too:
+                r = run_workload(engine, b, isl, osl, budget_s, ahead=False)
+                metrics[f"throughput_isl{isl}_osl{osl}_bs{b}_lockstep_tok_s"] = round(
+                    r["output_tokens"] / (r["prefill_s"] + r["decode_s"]), 1)
             r = run_workload(engine, b, isl, osl, budget_s)
             tput = r["output_tokens"] / (r["prefill_s"] + r["decode_s"])
             key = f"throughput_isl{isl}_osl{osl}_bs{b}"
@@ -355,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="copy,build,bs1,throughput,hf")
     p.add_argument("--workloads", default=",".join(f"{i}/{o}" for i, o in WORKLOADS))
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--lockstep-too", action="store_true", help="throughput also in lockstep (A/B of running ahead)")
     p.add_argument("--budget-s", type=float, default=30.0, help="decode seconds per throughput run at most")
     p.add_argument("--hf-new-tokens", type=int, default=128, help="transformers' output length (ISL 128)")
     args = p.parse_args(argv)
@@ -401,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(bench_mixed(engine, Path(args.out).parent))
     if "throughput" in sections:
         wl = [tuple(int(v) for v in s.split("/")) for s in args.workloads.split(",") if s]
-        m, n = bench_throughput(engine, wl, [int(b) for b in args.batches.split(",")], args.budget_s)
+        m, n = bench_throughput(engine, wl, [int(b) for b in args.batches.split(",")], args.budget_s,
+                                args.lockstep_too)
         metrics.update(m)
         notes += n
     hf64 = metrics.get("hf_eager_bs64_tok_s")

@@ -111,6 +111,26 @@ def test_step_order_and_microbatching_do_not_change_logits(models):
     assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mbs", [1, 2])
+def test_device_input_ids_give_the_same_step_as_host_tokens(models, mbs):
+    """A decode step whose tokens come as a tensor (a step run ahead) equals the same step with the
+    tokens in its chunks; with micro-batches the engine reads the tensor back first."""
+    shard = _shards(models, "mistral_window", 1, 1)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (5, 9, 2)]
+    tables = [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    rows = []
+    for ahead in (False, True):
+        engine = Engine(shard, num_kv_blocks=12, block_size=4, num_microbatches=mbs)
+        engine.step(StepInput([SeqChunk(i, p, 0, tables[i]) for i, p in enumerate(prompts)]))
+        nxt = torch.randint(0, 500, (3,), generator=gen) if not ahead else nxt
+        chunks = [SeqChunk(i, [int(nxt[i])] if not ahead else [0], len(p), tables[i]) for i, p in enumerate(prompts)]
+        rows.append(engine.step(StepInput(chunks, input_ids=nxt.clone() if ahead else None)))
+    assert torch.equal(rows[0], rows[1])
+    with pytest.raises(ValueError, match="input_ids"):
+        engine.step(StepInput([SeqChunk(0, [1, 2], 0, [9])], input_ids=torch.tensor([3])))
+
+
 def test_chunk_without_logits_and_validation(models):
     engine = Engine(_shards(models, "llama_tied", 1, 1), num_kv_blocks=8, block_size=4)
     out = engine.step(StepInput([SeqChunk(0, [5, 6, 7], 0, [3], want_logits=False), SeqChunk(1, [9], 0, [4])]))

@@ -130,3 +130,36 @@ def test_orch_build_command(tmp_path, capsys):
         assert (Path(e["engine"]) / "engine.json").is_file()
     assert main(["build", str(topo)]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_scheduler_running_ahead_on_the_gpu_gives_the_lockstep_tokens(shard_dirs, graphs):
+    """Decode steps launched ahead (their input tokens the previous step's argmax, still on the GPU)
+    generate exactly what lockstep steps generate, through CUDA graphs and eagerly."""
+    from workers.block_manager import BlockManager
+    from workers.sampling import SamplingParams
+    from workers.scheduler import Scheduler, SchedulerConfig
+    from workers.sequence import Sequence
+
+    shard = shard_dirs[("qwen2_bias", "float32")]
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, _vocab(shard), (n,), generator=gen).tolist() for n in (3, 11, 6)]
+    eng = Engine(shard, device="cuda", num_kv_blocks=BLOCKS, block_size=BS, cuda_graphs=graphs)
+    results = []
+    for ahead in (False, True):
+        sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_seq_len=64, run_ahead=ahead),
+                          BlockManager(BLOCKS, BS))
+        for i, p in enumerate(prompts):
+            sched.add(Sequence(i, list(p), SamplingParams(max_tokens=8 + 4 * i, ignore_eos=True)))
+        launched, got = [], {}
+
+        def run(step):
+            launched.append(step.input_ids is not None)
+            return eng.step(step)
+
+        while sched.has_work():
+            for o in sched.step(run):
+                got.setdefault(o.seq_id, []).extend(o.token_ids)
+        results.append(got)
+        assert sum(launched) >= 10 if ahead else not any(launched)
+    assert results[0] == results[1] and [len(results[1][i]) for i in range(3)] == [8, 12, 16]

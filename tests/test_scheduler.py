@@ -35,9 +35,10 @@ class PagedDouble:
     def step(self, step: StepInput) -> torch.Tensor:
         self.steps.append(step)
         rows = []
-        for c in step.chunks:
+        device_ids = None if step.input_ids is None else step.input_ids.tolist()   # a step run ahead
+        for k, c in enumerate(step.chunks):
             assert len(c.block_table) * self.bs >= c.start_pos + len(c.token_ids)
-            for i, t in enumerate(c.token_ids):
+            for i, t in enumerate(c.token_ids if device_ids is None else [device_ids[k]]):
                 self.cache[self.slot(c.block_table, c.start_pos + i)] = t
             if c.want_logits:
                 end = c.start_pos + len(c.token_ids)
@@ -219,3 +220,57 @@ def test_random_arrivals_aborts_and_tight_memory_keep_every_answer_exact():
     for sid, (p, n) in want.items():
         if sid not in aborted:
             assert got[sid] == reference_greedy(p, n), sid
+
+
+def test_run_ahead_overlaps_decode_steps_and_changes_no_answer():
+    """Decode steps of plain-greedy batches are launched ahead (input tokens left on the device); EOS
+    stops, length stops, aborts and a sampled request joining (which stops running ahead) give exactly
+    the lockstep answers, and every block comes back."""
+    ps = prompts(5, seed=12, lo=3, hi=9)
+    eos = reference_greedy(ps[0], 20)[6]
+
+    def run(ahead: bool):
+        sched, model, bm = make(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, run_ahead=ahead)
+        sched.eos_token_ids = frozenset([eos])
+        for i in range(4):
+            sched.add(Sequence(i, list(ps[i]), SamplingParams(max_tokens=5 + 3 * i)))
+        got, ahead_steps = {}, []
+        for k in range(200):
+            if k == 4:
+                sched.abort(3)
+            if k == 9:
+                sched.add(Sequence(4, list(ps[4]), SamplingParams(temperature=1.0, seed=5, max_tokens=6)))
+            n = len(model.steps)
+            for o in sched.step(model.step):
+                got.setdefault(o.seq_id, []).extend(o.token_ids)
+            ahead_steps += [s for s in model.steps[n:] if s.input_ids is not None]
+            if not sched.has_work():
+                break
+        assert bm.num_used_blocks == 0
+        return got, ahead_steps, model.steps
+
+    lockstep, none, _ = run(False)
+    got, ahead, steps = run(True)
+    assert none == [] and len(ahead) >= 8
+    assert got == lockstep
+    assert got[0] == reference_greedy(ps[0], 5, eos=(eos,))
+    for i in (1, 2):
+        assert got[i] == reference_greedy(ps[i], 5 + 3 * i, eos=(eos,))
+    assert all(len(c.token_ids) == 1 for s in ahead for c in s.chunks)
+    # while the sampled request runs nothing is launched ahead
+    sampled = [i for i, s in enumerate(steps) if any(c.seq_id == 4 for c in s.chunks)]
+    assert sampled and all(steps[i].input_ids is None for i in sampled)
+
+
+def test_aborting_every_sequence_of_a_step_run_ahead():
+    """The only sequence is aborted while the step launched ahead for it is in flight: that step's
+    outputs are dropped, nothing more runs, and its blocks are free."""
+    sched, model, bm = make(num_blocks=16)
+    sched.add(Sequence(0, prompts(1, seed=13, lo=6, hi=7)[0], SamplingParams(max_tokens=50, ignore_eos=True)))
+    sched.step(model.step)   # prefill
+    sched.step(model.step)   # a decode step, which launches the next one ahead
+    assert model.steps[-1].input_ids is not None and sched.has_work()
+    sched.abort(0)
+    n = len(model.steps)
+    assert sched.step(model.step) == [] and len(model.steps) == n
+    assert not sched.has_work() and bm.num_used_blocks == 0

@@ -46,11 +46,14 @@ class DecodeGraphs:
         return 0 < len(chunks) <= self.max_batch and all(
             len(c.token_ids) == 1 and len(c.block_table) <= self.width for c in chunks)
 
-    def run(self, chunks: list[Any]) -> torch.Tensor:
-        """Replay the bucket's graph for these decode chunks; float32 logits of the chunks that want them."""
+    def run(self, chunks: list[Any], input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the bucket's graph for these decode chunks (their tokens from `input_ids` on the device
+        when given); float32 logits of the chunks that want them."""
         n = len(chunks)
         b = next(x for x in self.buckets if x >= n)
         self._stage(chunks, b)
+        if input_ids is not None:
+            self.ids[:n].copy_(input_ids)   # after the staged copy, in stream order
         entry = self.graphs.get(b) or self._capture(b)
         entry[0].replay()
         rows = [i for i, c in enumerate(chunks) if c.want_logits]

@@ -9,7 +9,7 @@ tp rank 0 sends each micro-batch's logits to the driver.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Any
 
@@ -43,6 +43,10 @@ class StepInput:
     """Everything that runs in one engine step."""
 
     chunks: list[SeqChunk]
+    # The input tokens already on the device, int64 [len(chunks)], every chunk one decode token: the
+    # previous step's sampled tokens before the host has read them (a step launched ahead). The
+    # chunks' token_ids are then placeholders.
+    input_ids: torch.Tensor | None = None
 
 
 # --- shards and memory ----------------------------------------------------------------------------
@@ -166,6 +170,10 @@ class Engine:
         self._validate(step)
         if not step.chunks:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
+        if step.input_ids is not None and (self.dist is not None or self.num_microbatches > 1):
+            # other ranks and micro-batches take host tokens: read them (no overlap in this case)
+            ids = step.input_ids.tolist()
+            step = StepInput([replace(c, token_ids=[t]) for c, t in zip(step.chunks, ids)])
         if self.dist is not None and self.dist.world_size > 1:
             self.dist.broadcast_ints(encode_step(step))
         return self._execute(step)
@@ -205,6 +213,11 @@ class Engine:
             if min(c.token_ids) < 0 or max(c.token_ids) >= cfg.vocab_size:
                 raise ValueError(f"seq {c.seq_id}: token id outside [0, {cfg.vocab_size})")
             seen.add(c.seq_id)
+        ids = step.input_ids
+        if ids is not None and (ids.shape != (len(step.chunks),) or ids.dtype != torch.int64
+                                or any(len(c.token_ids) != 1 for c in step.chunks)):
+            raise ValueError(f"input_ids must be int64 [{len(step.chunks)}], one per single-token chunk; "
+                             f"got {ids.dtype} {tuple(ids.shape)}")
 
     def _microbatches(self, chunks: list[SeqChunk]) -> list[list[SeqChunk]]:
         """Cut the chunks, in order, into up to num_microbatches runs of similar token counts."""
@@ -253,12 +266,14 @@ class Engine:
     def _execute(self, step: StepInput) -> torch.Tensor | None:
         """This rank's share of a step; the driver gets the logits, other ranks None."""
         if self.decode_graphs is not None and self.decode_graphs.can_run(step.chunks):
-            return self.decode_graphs.run(step.chunks)
+            return self.decode_graphs.run(step.chunks, step.input_ids)
         d, H = self.dist, self.model_config.hidden_size
         first, last = self.model.first, self.model.last
         pending: list[Any] = []   # (work, tensor) pairs of isends still in flight
         logits: list[torch.Tensor] = []
         batches = [self._prepare(mb) for mb in self._microbatches(step.chunks)]
+        if step.input_ids is not None:   # one micro-batch (see step), all decode rows, in chunk order
+            batches[0].input_ids.copy_(step.input_ids.to(self.device))
         for b in batches:
             hidden = None
             if not first:

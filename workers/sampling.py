@@ -98,6 +98,11 @@ def _needs_work(p: SamplingParams) -> bool:
     return not p.greedy or p.repetition_penalty != 1.0 or p.logprobs or p.top_logprobs > 0
 
 
+def is_plain_greedy(p: SamplingParams) -> bool:
+    """Whether `sample` picks this request's token as the plain argmax of its logits row (on the device)."""
+    return not _needs_work(p)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]],
            generators: list[torch.Generator | None]) -> list[Sample]:
     """Pick one token per row of float32 logits [B, V] (any device); histories feed the repetition penalty.

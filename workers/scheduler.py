@@ -2,6 +2,12 @@
 
 It knows nothing of RPC: `add` and `abort` sequences, then call `step(run)` where `run` executes a
 StepInput (the engine's `step`) and returns logits; `step` returns what each sequence produced.
+
+Running ahead: when a decode step's every sequence picks its token by plain argmax and the next step
+would be the same sequences again, the next step is launched before this one's tokens are read back
+(its input tokens are this step's argmax, left on the device), so the host's work on a step's outputs
+overlaps the GPU's next step. A sequence that turns out to have stopped (EOS, a stop token, an abort)
+wastes its row of the step run ahead, which is dropped; everything else is as if run in lockstep.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import torch
 
 from workers.block_manager import BlockManager
 from workers.engine import SeqChunk, StepInput
-from workers.sampling import Sample, sample
+from workers.sampling import Sample, is_plain_greedy, sample
 from workers.sequence import FinishReason, Sequence, SeqStatus
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64              # sequences running at once
     max_num_batched_tokens: int = 512   # tokens run per step (decodes first, then prefill chunks)
     max_seq_len: int = 2048             # prompt + output tokens of one sequence
+    run_ahead: bool = True              # launch the next decode step before reading this one's tokens
 
 
 @dataclass
@@ -44,6 +51,16 @@ class SeqOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+
+
+@dataclass
+class _Launched:
+    """A step whose device work is queued and whose logits are not read yet."""
+
+    picked: list[tuple[Sequence, int]]
+    step: StepInput
+    logits: torch.Tensor
+    tokens: list[int] | None = None   # its argmax, once read back (a step run ahead of it needed them)
 
 
 @dataclass
@@ -68,6 +85,7 @@ class Scheduler:
         self.seqs: dict[int, Sequence] = {}
         self.last_stats = StepStats()
         self.num_preemptions = 0
+        self._ahead: _Launched | None = None   # the step launched ahead, consumed by the next step()
 
     # --- queue management ------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -95,7 +113,7 @@ class Scheduler:
         return seq
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._ahead)
 
     # --- scheduling --------------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
@@ -164,30 +182,99 @@ class Scheduler:
 
     def step(self, run: Callable[[StepInput], torch.Tensor],
              on_launched: Callable[[], None] | None = None) -> list[SeqOutput]:
-        """Schedule, run one engine step, sample, apply stops; returns the outputs of this step.
-        `on_launched` is called once the engine has queued the step's device work, before the wait
-        for its logits: host work done there overlaps the GPU's (e.g. handing out the last outputs)."""
+        """Run one engine step (the one launched ahead by the last call, else a newly scheduled one),
+        sample, apply stops; returns its outputs. `on_launched` is called once the device work is
+        queued (including a step run ahead), before the wait for the logits: host work done there
+        overlaps the GPU's (e.g. handing out the last outputs)."""
         self.last_stats = StepStats()
-        picked = self.schedule()
-        if not picked:
-            return []
-        step = self.build_step(picked)
-        self.last_stats.num_chunks = len(picked)
-        self.last_stats.num_tokens = sum(n for _, n in picked)
-        logits = run(step)
+        cur, self._ahead = self._ahead, None
+        if cur is None:
+            picked = self.schedule()
+            if not picked:
+                return []
+            step = self.build_step(picked)
+            cur = _Launched(picked, step, run(step))
+        self.last_stats.num_chunks = len(cur.picked)
+        self.last_stats.num_tokens = sum(n for _, n in cur.picked)
+        live = [i for i, (seq, _) in enumerate(cur.picked) if self.seqs.get(seq.seq_id) is seq]
+        self._run_ahead(cur, live, run)
         if on_launched is not None:
             on_launched()
-        want = []
-        for (seq, n), chunk in zip(picked, step.chunks):
+        return self._finish_step(cur, live)
+
+    def _can_run_ahead(self, cur: _Launched, live: list[int]) -> bool:
+        """Whether the step after `cur` is already known: cur is all decode, its live sequences are all
+        that runs, each picks by plain argmax, nothing waits to be admitted, and blocks suffice."""
+        cfg = self.config
+        if not cfg.run_ahead or not live or len(live) != len(self.running) or len(live) > cfg.max_num_batched_tokens:
+            return False
+        if self.waiting and len(self.running) < cfg.max_num_seqs:
+            return False
+        if any(len(c.token_ids) != 1 or not c.want_logits for c in cur.step.chunks):
+            return False
+        seqs = [cur.picked[i][0] for i in live]
+        if not all(is_plain_greedy(s.params) for s in seqs):
+            return False
+        need = sum(max(0, self.bm.blocks_for(s.num_computed_tokens + 2) - len(s.block_table)) for s in seqs)
+        return need <= self.bm.num_free_blocks
+
+    def _run_ahead(self, cur: _Launched, live: list[int], run: Callable[[StepInput], torch.Tensor]) -> None:
+        """Launch the next decode step now, its inputs being cur's argmax still on the device; the
+        argmax is copied back in the same stream order, before the next step's work."""
+        if not self._can_run_ahead(cur, live):
+            return
+        dev = cur.logits.device
+        rows = live if len(live) < cur.logits.shape[0] else None
+        logits = cur.logits if rows is None else cur.logits[_index(rows, dev)]
+        tokens = logits.argmax(dim=-1)
+        host = torch.empty(len(live), dtype=torch.int64, pin_memory=dev.type == "cuda")
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event() if dev.type == "cuda" else None
+        if copied is not None:
+            copied.record()
+        nxt, keep = [], []
+        for j, i in enumerate(live):
+            seq = cur.picked[i][0]
+            # its token from cur will end it by length: the step ahead leaves it out
+            if seq.num_output_tokens + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.config.max_seq_len:
+                continue
+            self.bm.append(seq, seq.num_computed_tokens + 2)
+            nxt.append((seq, 1))
+            keep.append(j)
+        if nxt:
+            ids = tokens if len(keep) == len(live) else tokens[_index(keep, dev)]
+            step = StepInput([SeqChunk(seq.seq_id, [0], seq.num_computed_tokens + 1, list(seq.block_table))
+                              for seq, _ in nxt], input_ids=ids)
+            self._ahead = _Launched(nxt, step, run(step))
+        if copied is not None:
+            copied.synchronize()
+        cur.tokens = host.tolist()
+
+    def _finish_step(self, cur: _Launched, live: list[int]) -> list[SeqOutput]:
+        """Account cur's tokens, sample its live sequences' next tokens, apply stops."""
+        want, rows = [], []
+        row = 0
+        for i, ((seq, n), chunk) in enumerate(zip(cur.picked, cur.step.chunks)):
+            if chunk.want_logits:
+                row += 1
+            if i not in live:   # stopped or aborted since this step was launched ahead: row dropped
+                continue
             seq.num_computed_tokens += n
             self.bm.mark_computed(seq)
             if chunk.want_logits:
                 want.append(seq)
-        if logits.shape[0] != len(want):
-            raise RuntimeError(f"engine returned {logits.shape[0]} logit rows for {len(want)} sequences")
-        samples = sample(logits, [s.params for s in want], [s.token_ids for s in want],
-                         [s.generator for s in want])
+                rows.append(row - 1)
+        if cur.logits.shape[0] != row:
+            raise RuntimeError(f"engine returned {cur.logits.shape[0]} logit rows for {row} sequences")
         now = time.monotonic()
+        if cur.tokens is not None:   # read back already (all plain greedy): the same pick as sample's
+            samples = [Sample(t) for t in cur.tokens]
+        elif not want:
+            samples = []
+        else:
+            logits = cur.logits if len(rows) == row else cur.logits[_index(rows, cur.logits.device)]
+            samples = sample(logits, [s.params for s in want], [s.token_ids for s in want],
+                             [s.generator for s in want])
         return [self._append_token(seq, smp, now) for seq, smp in zip(want, samples)]
 
     # --- post-processing ----------------------------------------------------------------
@@ -225,3 +312,8 @@ class Scheduler:
         log.debug("sequence %d finished: %s (%s) after %d tokens", seq.seq_id, reason.value, stop,
                   seq.num_output_tokens)
 
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """Row indices on the device without waiting for it (a pinned, asynchronous copy on the GPU)."""
+    t = torch.tensor(rows, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
