@@ -254,10 +254,11 @@ class Scheduler:
         """Account cur's tokens, sample its live sequences' next tokens, apply stops."""
         want, rows = [], []
         row = 0
+        alive = set(live) if len(live) < len(cur.picked) else None
         for i, ((seq, n), chunk) in enumerate(zip(cur.picked, cur.step.chunks)):
             if chunk.want_logits:
                 row += 1
-            if i not in live:   # stopped or aborted since this step was launched ahead: row dropped
+            if alive is not None and i not in alive:   # stopped or aborted since it was launched ahead: dropped
                 continue
             seq.num_computed_tokens += n
             self.bm.mark_computed(seq)
