@@ -273,7 +273,7 @@ class Engine:
         logits: list[torch.Tensor] = []
         batches = [self._prepare(mb) for mb in self._microbatches(step.chunks)]
         if step.input_ids is not None:   # one micro-batch (see step), all decode rows, in chunk order
-            batches[0].input_ids.copy_(step.input_ids.to(self.device))
+            batches[0].input_ids.copy_(step.input_ids)
         for b in batches:
             hidden = None
             if not first:

@@ -94,13 +94,9 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def _needs_work(p: SamplingParams) -> bool:
-    return not p.greedy or p.repetition_penalty != 1.0 or p.logprobs or p.top_logprobs > 0
-
-
 def is_plain_greedy(p: SamplingParams) -> bool:
     """Whether `sample` picks this request's token as the plain argmax of its logits row (on the device)."""
-    return not _needs_work(p)
+    return p.greedy and p.repetition_penalty == 1.0 and not p.logprobs and p.top_logprobs == 0
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]],
@@ -111,7 +107,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[l
     the CPU, where each request's own generator draws its token (so seeds give the same output on
     any device and in any batch).
     """
-    special = [i for i, p in enumerate(params) if _needs_work(p)]
+    special = [i for i, p in enumerate(params) if not is_plain_greedy(p)]
     chosen = logits.argmax(dim=-1).tolist()
     out = [Sample(t) for t in chosen]
     if not special:

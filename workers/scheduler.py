@@ -235,8 +235,7 @@ class Scheduler:
         nxt, keep = [], []
         for j, i in enumerate(live):
             seq = cur.picked[i][0]
-            # its token from cur will end it by length: the step ahead leaves it out
-            if seq.num_output_tokens + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.config.max_seq_len:
+            if self._length_reached(seq, pending=1):   # cur's token ends it: the step ahead leaves it out
                 continue
             self.bm.append(seq, seq.num_computed_tokens + 2)
             nxt.append((seq, 1))
@@ -279,6 +278,12 @@ class Scheduler:
         return [self._append_token(seq, smp, now) for seq, smp in zip(want, samples)]
 
     # --- post-processing ----------------------------------------------------------------
+    def _length_reached(self, seq: Sequence, pending: int = 0) -> bool:
+        """Whether the sequence is at its length limit (max_tokens or max_seq_len), counting `pending`
+        tokens sampled but not appended yet."""
+        return (seq.num_output_tokens + pending >= seq.params.max_tokens
+                or seq.num_tokens + pending >= self.config.max_seq_len)
+
     def _append_token(self, seq: Sequence, smp: Sample, now: float) -> SeqOutput:
         tok = smp.token_id
         seq.token_ids.append(tok)
@@ -291,7 +296,7 @@ class Scheduler:
             reason, stop = FinishReason.STOP, tok
         elif tok in p.stop_token_ids:
             reason, stop = FinishReason.STOP, tok
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_seq_len:
+        elif self._length_reached(seq):
             reason = FinishReason.LENGTH
         out = SeqOutput(
             seq_id=seq.seq_id, token_ids=[tok],
