@@ -28,9 +28,10 @@ def bench_gemv(out: dict) -> None:
         copies = max(2, (512 << 20) // (n * k * 2))
         ws = [torch.randn(n, k, device="cuda", dtype=dt) for _ in range(copies)]
         x1 = torch.randn(1, k, device="cuda", dtype=dt)
-        for c in gemv.CHOICES:
+        for c in gemv.choices():
             ms = time_ms(lambda i, c=c: gemv.gemv(x1, ws[i], choice=c), copies, reps=30)
-            tag = f"rows{c[0]}_unroll{c[1]}_{'gpugrid' if c[2] else 'fullgrid'}"
+            tag = (f"bulk_unroll{c.unroll}_stages{c.stages}" if c.stages
+                   else f"rows{c[0]}_unroll{c[1]}_{'gpugrid' if c[2] else 'fullgrid'}")
             out[f"gemv_{name}_m1_{tag}_gb_s"] = round(n * k * 2 / 1e9 / (ms / 1e3), 1)
         if name == "gate_up":   # with silu(gate) * up in the epilogue, as decode runs it
             ms = time_ms(lambda i: gemv.gemv(x1, ws[i], glu=True), copies, reps=30)
@@ -80,9 +81,11 @@ def bench_small(out: dict) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
+    p.add_argument("--sections", default="small,attention,gemv", help="comma-separated: small, attention, gemv")
     args = p.parse_args()
     out: dict = {}
-    for fn in (bench_small, bench_attention, bench_gemv):
+    sections = {"small": bench_small, "attention": bench_attention, "gemv": bench_gemv}
+    for fn in (sections[s] for s in args.sections.split(",")):
         t0 = time.perf_counter()
         fn(out)
         print(f"{fn.__name__}: {time.perf_counter() - t0:.1f} s", flush=True)

@@ -2,7 +2,7 @@
 # One device call for an engine-speed iteration: quick kernel checks, the 8B decode benchmark (with and
 # without programmatic dependent launch), GEMM choices at decode batch sizes. Results under $OUT.
 #   scripts/gpu_perf_round.sh NAME          (e.g. decode_8b_h100_v4)
-# Env: SECTIONS (bench_decode sections), BENCH_EXTRA (more bench_decode args), SKIP_NOPDL=1, FULL_TESTS=1 also runs every GPU test; SKIP_GEMM=1 skips bench_gemm.py; SERVE=1 also runs the
+# Env: KERNELS (bench_kernels.py sections to run first, e.g. gemv), SECTIONS (bench_decode sections), BENCH_EXTRA (more bench_decode args), SKIP_NOPDL=1, FULL_TESTS=1 also runs every GPU test; SKIP_GEMM=1 skips bench_gemm.py; SERVE=1 also runs the
 #      served-vs-engine bench (bench_serving.py run, `orch serve` on the decode benchmark's shard) at
 #      128/128 c64,256 with a py-spy profile of the server's threads (benchmarks/pyspy_summary.py).
 set -uo pipefail
@@ -17,6 +17,10 @@ say "quick kernel checks"
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py \
   -k "programmatic or graph or gemv" 2>&1 | tail -3
 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py 2>&1 | tail -3
+if [ -n "${KERNELS:-}" ]; then
+  say "kernel micro-benchmarks ($KERNELS)"
+  timeout 200 python3 benchmarks/bench_kernels.py --out "$OUT/kernels_$NAME.json" --sections "$KERNELS" 2>&1 | tail -80
+fi
 say "decode benchmark"
 timeout 330 python3 benchmarks/bench_decode.py --out "$OUT/$NAME.json" --name "$NAME" \
   --sections "${SECTIONS:-copy,build,bs1,throughput,hf}" --workloads 128/128 --batches 64,256 --budget-s 10 ${BENCH_EXTRA:-} 2>&1 \

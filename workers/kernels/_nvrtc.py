@@ -234,6 +234,39 @@ def _error_name(rc: int) -> str:
     return (name.value or b"?").decode()
 
 
+_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
+_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97  # CUdevice_attribute
+
+
+@functools.lru_cache(maxsize=None)
+def max_shared_per_block(device: int) -> int:
+    """The most shared memory one block may ask for on a device (after raising its limit)."""
+    n = ctypes.c_int()
+    dev = ctypes.c_int()
+    drv = _driver()
+    if drv.cuDeviceGet(ctypes.byref(dev), ctypes.c_int(device)) != 0 or drv.cuDeviceGetAttribute(
+            ctypes.byref(n), _MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev) != 0:
+        return 48 * 1024
+    return n.value
+
+
+@functools.lru_cache(maxsize=None)
+def blocks_per_sm(fn: Any, threads: int, shared_mem: int) -> int:
+    """Blocks of `fn` resident at once on one SM with `threads` threads and `shared_mem` bytes of dynamic
+    shared memory each (raising the kernel's dynamic shared-memory limit to that size first)."""
+    drv = _driver()
+    if shared_mem > 48 * 1024:
+        rc = drv.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), _MAX_DYNAMIC_SHARED_SIZE_BYTES, ctypes.c_int(shared_mem))
+        if rc != 0:
+            raise RuntimeError(f"cuFuncSetAttribute({shared_mem} B of shared memory) failed: {_error_name(rc)}")
+    n = ctypes.c_int()
+    rc = drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), ctypes.c_void_p(fn.ptr), ctypes.c_int(threads),
+                                                         ctypes.c_size_t(shared_mem))
+    if rc != 0:
+        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed: {_error_name(rc)}")
+    return max(1, n.value)
+
+
 def ptr(t: torch.Tensor | None) -> np.uint64:
     """A tensor's device address as a kernel argument (0 for None)."""
     return np.uint64(0 if t is None else t.data_ptr())

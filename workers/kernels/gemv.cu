@@ -106,11 +106,138 @@ __device__ __forceinline__ void gemv_body(const scalar_t* __restrict__ x, long l
 #undef WOK
 }
 
+#ifndef STAGES
+#define GEMV_KERNEL gemv_body
+#else
+// The bulk-copy variant (-DSTAGES=S): weights reach shared memory through the copy engine
+// (cp.async.bulk, completing on an mbarrier), not through registers. Each warp streams its rows (a gate and
+// an up row at once for GLU) in chunks of UNROLL x 256 elements, S chunks in flight in its own ring of
+// shared-memory slots; the lanes dot the chunk with x as the register kernel does (same vectors per lane,
+// same order). The block takes a contiguous range of rows (its warps interleave them): with a grid of
+// blocks resident at once, every SM streams about the same bytes. Before waiting for the previous kernel
+// (PDL), each warp starts its first S chunks: they arrive while that kernel finishes.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+__device__ __forceinline__ void bar_init(unsigned bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void bar_expect(unsigned bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bar_wait(unsigned bar, unsigned phase) {
+  unsigned done = 0;
+  while (!done)
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done) : "r"(bar), "r"(phase) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+template <int M, bool GLU>
+__device__ __forceinline__ void gemv_bulk_body(const scalar_t* __restrict__ x, long long x_stride,
+                                               const scalar_t* __restrict__ W, const scalar_t* __restrict__ bias,
+                                               scalar_t* __restrict__ y, int N, int K) {
+  constexpr int R = GLU ? 2 : 1;            // weight rows per item
+  constexpr int CH = UNROLL * 256;          // elements per chunk of a row
+  extern __shared__ __align__(128) unsigned char gemv_smem[];
+  __shared__ __align__(8) unsigned long long bars[WARPS][STAGES];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n_lo = (int)((long long)blockIdx.x * N / gridDim.x);
+  const int n_hi = (int)((long long)(blockIdx.x + 1) * N / gridDim.x);
+  const int nchunks = (K + CH - 1) / CH;
+  const int my_rows = n_hi - n_lo > warp ? (n_hi - n_lo - warp + WARPS - 1) / WARPS : 0;
+  const int items = my_rows * nchunks;      // item j: row n_lo + warp + (j / nchunks) * WARPS, chunk j % nchunks
+  scalar_t* ring = (scalar_t*)gemv_smem + (long long)warp * STAGES * R * CH;
+  const unsigned ring_s = smem_u32(ring), bar_s = smem_u32(&bars[warp][0]);
+  if (lane == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) bar_init(bar_s + 8 * s);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncwarp();
+  auto issue = [&](int j) {                 // lane 0: start item j's copy into slot j % STAGES
+    const int s = j % STAGES, c = j % nchunks;
+    const long long n = n_lo + warp + (long long)(j / nchunks) * WARPS;
+    const int k0 = c * CH, len = min(CH, K - k0);
+    const unsigned bytes = len * (unsigned)sizeof(scalar_t), bar = bar_s + 8 * s;
+    bar_expect(bar, R * bytes);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      bulk_copy(ring_s + (unsigned)((s * R + r) * CH * sizeof(scalar_t)), W + (n + (long long)r * N) * K + k0,
+                bytes, bar);
+  };
+  pdl_trigger();
+  if (lane == 0)
+    for (int j = 0; j < min(STAGES, items); ++j) issue(j);
+  pdl_wait();
+  float acc[R][M];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+  for (int j = 0; j < items; ++j) {
+    const int s = j % STAGES, c = j % nchunks;
+    const int k0 = c * CH, len = min(CH, K - k0);
+    bar_wait(bar_s + 8 * s, (unsigned)(j / STAGES) & 1u);
+    const scalar_t* slot = ring + s * R * CH;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int e = (lane + u * 32) * 8;
+      if (e < len) {
+        float wf[R][8];
+#pragma unroll
+        for (int r = 0; r < R; ++r) load8_rw(slot + r * CH + e, wf[r]);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          float xf[8];
+          load8(x + m * x_stride + k0 + e, xf);
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int q = 0; q < 8; ++q) acc[r][m] += wf[r][q] * xf[q];
+        }
+      }
+    }
+    __syncwarp();                           // every lane is done with the slot: refill it
+    if (lane == 0 && j + STAGES < items) issue(j + STAGES);
+    if (c == nchunks - 1) {                 // the row is done: reduce, write, start the next one
+      const long long n0 = n_lo + warp + (long long)(j / nchunks) * WARPS;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
+      if (lane == 0) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          if (GLU) {
+            const float gate = rnd(acc[0][m] + (bias ? to_f(bias[n0]) : 0.f));
+            const float up = rnd(acc[1][m] + (bias ? to_f(bias[n0 + N]) : 0.f));
+            y[(long long)m * N + n0] = from_f(rnd(gate / (1.f + __expf(-gate))) * up);
+          } else {
+            y[(long long)m * N + n0] = from_f(acc[0][m] + (bias ? to_f(bias[n0]) : 0.f));
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    }
+  }
+}
+#define GEMV_KERNEL gemv_bulk_body
+#endif
+
 #define GEMV(MM, GLU, SUFFIX)                                                                            \
   extern "C" __global__ void __launch_bounds__(WARPS * 32)                                               \
       gemv_m##MM##SUFFIX(const scalar_t* __restrict__ x, long long x_stride, const scalar_t* __restrict__ W, \
                          const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, int N, int K) {    \
-    gemv_body<MM, GLU>(x, x_stride, W, bias, y, N, K);                                                   \
+    GEMV_KERNEL<MM, GLU>(x, x_stride, W, bias, y, N, K);                                                 \
   }
 #define GEMV_BOTH(MM) GEMV(MM, false, ) GEMV(MM, true, _glu)
 GEMV_BOTH(1)
