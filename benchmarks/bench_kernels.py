@@ -28,10 +28,9 @@ def bench_gemv(out: dict) -> None:
         copies = max(2, (512 << 20) // (n * k * 2))
         ws = [torch.randn(n, k, device="cuda", dtype=dt) for _ in range(copies)]
         x1 = torch.randn(1, k, device="cuda", dtype=dt)
-        for c in gemv.choices():
+        for c in gemv.CHOICES:
             ms = time_ms(lambda i, c=c: gemv.gemv(x1, ws[i], choice=c), copies, reps=30)
-            tag = (f"bulk_unroll{c.unroll}_stages{c.stages}" if c.stages
-                   else f"rows{c[0]}_unroll{c[1]}_{'gpugrid' if c[2] else 'fullgrid'}")
+            tag = f"rows{c[0]}_unroll{c[1]}_{'gpugrid' if c[2] else 'fullgrid'}"
             out[f"gemv_{name}_m1_{tag}_gb_s"] = round(n * k * 2 / 1e9 / (ms / 1e3), 1)
         if name == "gate_up":   # with silu(gate) * up in the epilogue, as decode runs it
             ms = time_ms(lambda i: gemv.gemv(x1, ws[i], glu=True), copies, reps=30)

@@ -160,8 +160,7 @@ def test_paged_decode_attention_is_deterministic():
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (7, 24), (1027, 14336), (6144, 4096)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("choice", [(1, 4, True), (1, 4, False), (1, 8, False), (2, 4, True), (2, 4, False),
-                                    (1, 8, True, 2), (1, 4, True, 8), (1, 1, True, 3)])
+@pytest.mark.parametrize("choice", [(1, 4, True), (1, 4, False), (1, 8, False), (2, 4, True), (2, 4, False)])
 def test_gemv(dtype, M, N, K, bias, choice):
     x = rnd(M, K, dtype=dtype)
     w = rnd(N, K, dtype=dtype, scale=K ** -0.5)
@@ -177,7 +176,7 @@ def test_gemv(dtype, M, N, K, bias, choice):
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (7, 24), (1027, 14336)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("choice", [(1, 4, True), (1, 8, False), (2, 4, False), (1, 8, True, 4), (1, 1, True, 3)])
+@pytest.mark.parametrize("choice", [(1, 4, True), (1, 8, False), (2, 4, False)])
 def test_gemv_glu(dtype, M, N, K, bias, choice):
     """The gate-up projection with silu(gate) * up in the epilogue against linear + silu_mul."""
     x = rnd(M, K, dtype=dtype)
@@ -194,17 +193,8 @@ def test_gemv_glu(dtype, M, N, K, bias, choice):
 def test_gemv_glu_rounds_like_gemv_then_silu_mul(dtype):
     """Bit for bit what the unfused kernels give: fusing must not move greedy tokens."""
     x, w = rnd(3, 4096, dtype=dtype), rnd(2 * 1536, 4096, dtype=dtype, scale=4096 ** -0.5)
-    for choice in [(1, 4, True), (1, 8, False), (2, 4, False), (1, 8, True, 4), (1, 4, True, 2)]:
+    for choice in [(1, 4, True), (1, 8, False), (2, 4, False)]:
         assert torch.equal(gemv(x, w, choice=choice, glu=True), silu_mul(gemv(x, w, choice=choice)))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gemv_bulk_matches_register_kernel_bits(dtype):
-    """The bulk-copy kernel gives each lane the same vectors in the same order as the register kernel with
-    the same unroll, so the outputs agree bit for bit (choosing one or the other moves no token)."""
-    x, w = rnd(2, 14336, dtype=dtype), rnd(1027, 14336, dtype=dtype, scale=14336 ** -0.5)
-    for unroll in (4, 8):
-        assert torch.equal(gemv(x, w, choice=(1, unroll, True, 3)), gemv(x, w, choice=(1, unroll, True)))
 
 
 @pytest.mark.parametrize("M", [1, 3, 64])

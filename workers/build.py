@@ -85,7 +85,7 @@ def mismatch_message(engine_dir: Path | str, pinned: dict[str, Any], current: di
 def kernel_specs(model_config: dict, tp: int, dtype: str) -> list[Any]:
     """The kernel variants a shard of this model runs (module specs of workers.kernels._nvrtc)."""
     from workers.convert import TORCH_DTYPES
-    from workers.kernels.gemv import module_specs as gemv_specs
+    from workers.kernels.gemv import VARIANTS as GEMV_VARIANTS
     from workers.kernels._nvrtc import spec
     from workers.layout import local_heads
     from workers.models.config import ModelConfig
@@ -94,7 +94,7 @@ def kernel_specs(model_config: dict, tp: int, dtype: str) -> list[Any]:
     dt = TORCH_DTYPES[dtype]
     q, kv = local_heads(cfg, tp, 0)
     specs = [spec("rms_norm", dt), spec("silu_mul", dt), spec("rope_cache", dt),
-             *gemv_specs(dt)]
+             *(spec("gemv", dt, ROWS=r, UNROLL=u) for r, u in GEMV_VARIANTS)]
     if cfg.head_dim % 8 == 0:
         specs.append(spec("paged_attention", dt, HD=cfg.head_dim, GROUP=len(q) // len(kv)))
     return specs

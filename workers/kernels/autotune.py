@@ -54,7 +54,7 @@ def linear_shapes(model_config: dict, tp: int, tp_rank: int = 0) -> dict[str, tu
 
 def tune_gemv(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, max_m: int = _gemv.MAX_M) -> dict[str, dict]:
     """Per "NxK": {"max_m": largest M up to which gemv beats cuBLAS (0: never), "choice": gemv's fastest
-    gemv.Choice at M=1}."""
+    (rows, unroll, gpu_grid) at M=1}."""
     out = {}
     if dtype not in (torch.float16, torch.bfloat16):
         return {f"{n}x{k}": {"max_m": 0, "choice": None} for n, k in shapes.values()}
@@ -63,7 +63,7 @@ def tune_gemv(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, max_m: int
         copies = max(2, min(8, L2_ROTATE_BYTES // (n * k * 2)))
         ws = [torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5 for _ in range(copies)]
         x1 = torch.randn(1, k, device="cuda", dtype=dtype)
-        per = {c: time_ms(lambda i, c=c: _gemv.gemv(x1, ws[i], choice=c), copies) for c in _gemv.choices()}
+        per = {c: time_ms(lambda i, c=c: _gemv.gemv(x1, ws[i], choice=c), copies) for c in _gemv.CHOICES}
         choice = min(per, key=per.get)
         log.info("gemv %s M=1: %s", name, {str(c): round(v, 4) for c, v in per.items()})
         best = 0
@@ -126,7 +126,7 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
     for key, r in tune_gemv(shapes, dtype).items():
         t.gemv_max_m[key] = r["max_m"]
         if r["choice"] is not None:
-            t.gemv_rows[key], t.gemv_unroll[key], t.gemv_gpu_grid[key], t.gemv_stages[key] = r["choice"]
+            t.gemv_rows[key], t.gemv_unroll[key], t.gemv_gpu_grid[key] = r["choice"]
     probe_q = torch.empty(1, len(q), cfg.head_dim, dtype=dtype, device="cuda")
     probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
     if _attn.supported(probe_q, probe_k):

@@ -18,7 +18,6 @@ class Tuning:
     default_gemv_rows: int = 2
     gemv_unroll: dict[str, int] = field(default_factory=dict)         # "NxK" -> loads in flight per lane/row
     gemv_gpu_grid: dict[str, bool] = field(default_factory=dict)      # "NxK" -> grid sized to the GPU
-    gemv_stages: dict[str, int] = field(default_factory=dict)         # "NxK" -> bulk-copy stages (0: none)
 
     def splits_for(self, batch: int, nkv: int) -> int:
         """Splits of the decode attention for `batch` sequences (tuned, else enough blocks for 2 waves)."""
@@ -33,13 +32,11 @@ class Tuning:
         """Largest M for which an x[M,k] @ w[n,k]^T runs on gemv."""
         return self.gemv_max_m.get(f"{n}x{k}", self.default_gemv_max_m)
 
-    def gemv_choice(self, n: int, k: int) -> tuple[int, int, bool, int]:
-        """gemv's launch for an [n,k] weight (see gemv.Choice): (rows per warp, 16-byte loads in flight per
-        lane and row, GPU-sized grid, bulk-copy stages)."""
+    def gemv_choice(self, n: int, k: int) -> tuple[int, int, bool]:
+        """gemv's launch for an [n,k] weight: (rows per warp, loads in flight per lane and row, GPU-sized grid)."""
         key = f"{n}x{k}"
         rows = self.gemv_rows.get(key, self.default_gemv_rows)
-        return (rows, self.gemv_unroll.get(key, 8 // rows), self.gemv_gpu_grid.get(key, True),
-                self.gemv_stages.get(key, 0))
+        return rows, self.gemv_unroll.get(key, 8 // rows), self.gemv_gpu_grid.get(key, True)
 
     def to_dict(self) -> dict:
         """JSON-ready form (integer keys become strings)."""
@@ -57,8 +54,7 @@ class Tuning:
                    gemv_rows={str(k): int(v) for k, v in d.get("gemv_rows", {}).items()},
                    default_gemv_rows=int(d.get("default_gemv_rows", 2)),
                    gemv_unroll={str(k): int(v) for k, v in d.get("gemv_unroll", {}).items()},
-                   gemv_gpu_grid={str(k): bool(v) for k, v in d.get("gemv_gpu_grid", {}).items()},
-                   gemv_stages={str(k): int(v) for k, v in d.get("gemv_stages", {}).items()})
+                   gemv_gpu_grid={str(k): bool(v) for k, v in d.get("gemv_gpu_grid", {}).items()})
 
 
 CURRENT = Tuning()
