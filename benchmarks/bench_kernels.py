@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.kernels import gemv, paged_attention, rms_norm, rope_cache, silu_mul  # noqa: E402
+from workers.kernels import gemv, paged_attention, rms_norm, rope_cache, silu_mul, skinny_gemm  # noqa: E402
 from workers.kernels.autotune import time_ms  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -41,6 +41,27 @@ def bench_gemv(out: dict) -> None:
             cub = time_ms(lambda i: F.linear(x, ws[i]), copies, reps=30)
             gb = n * k * 2 / 1e9
             out[f"gemv_{name}_m{m}_gb_s"] = round(gb / (ours / 1e3), 1)
+            out[f"cublas_{name}_m{m}_gb_s"] = round(gb / (cub / 1e3), 1)
+        del ws
+
+
+def bench_skinny(out: dict) -> None:
+    """skinny_gemm at decode batch rows against cuBLAS: weight bandwidth, every choice and the best."""
+    dt = torch.bfloat16
+    for name, (n, k) in SHAPES.items():
+        copies = max(2, (512 << 20) // (n * k * 2))
+        ws = [torch.randn(n, k, device="cuda", dtype=dt) for _ in range(copies)]
+        gb = n * k * 2 / 1e9
+        for m in skinny_gemm.ROW_BUCKETS:
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            per = {c: time_ms(lambda i, c=c: skinny_gemm.skinny_gemm(x, ws[i], choice=c), copies, reps=30)
+                   for c in skinny_gemm.CHOICES}
+            for c, ms in per.items():
+                out[f"skinny_{name}_m{m}_bn{c[0]}_split{c[1]}_gb_s"] = round(gb / (ms / 1e3), 1)
+            best = min(per, key=per.get)
+            out[f"skinny_{name}_m{m}_best_gb_s"] = round(gb / (per[best] / 1e3), 1)
+            out[f"skinny_{name}_m{m}_best_choice"] = f"bn{best[0]}_split{best[1]}"
+            cub = time_ms(lambda i: F.linear(x, ws[i]), copies, reps=30)
             out[f"cublas_{name}_m{m}_gb_s"] = round(gb / (cub / 1e3), 1)
         del ws
 
@@ -80,10 +101,11 @@ def bench_small(out: dict) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
-    p.add_argument("--sections", default="small,attention,gemv", help="comma-separated: small, attention, gemv")
+    p.add_argument("--sections", default="small,attention,gemv,skinny",
+                   help="comma-separated: small, attention, gemv, skinny")
     args = p.parse_args()
     out: dict = {}
-    sections = {"small": bench_small, "attention": bench_attention, "gemv": bench_gemv}
+    sections = {"small": bench_small, "attention": bench_attention, "gemv": bench_gemv, "skinny": bench_skinny}
     for fn in (sections[s] for s in args.sections.split(",")):
         t0 = time.perf_counter()
         fn(out)

@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from workers.backends import cpu as _ref
 from workers.kernels import gemv as _gemv
 from workers.kernels import paged_attention as _attn
+from workers.kernels import skinny_gemm as _skinny
 from workers.kernels import tuning
 from workers.kernels.rms_norm import rms_norm
 from workers.kernels.rope_cache import rope_and_cache_write
@@ -29,14 +30,27 @@ def _on_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.shape[0] <= tuning.CURRENT.gemv_limit(w.shape[0], w.shape[1]) and _gemv.supported(x, w)
 
 
+def _skinny_choice(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int] | None:
+    """skinny_gemm's launch for x @ w.T where the tuning table has it beating cuBLAS at this many rows."""
+    c = tuning.CURRENT.skinny_choice(w.shape[0], w.shape[1], x.shape[0])
+    return c if c is not None and _skinny.supported(x, w) else None
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias) past gemv's rows: skinny_gemm where tuned faster, else cuBLAS."""
+    c = _skinny_choice(x, w)
+    return _skinny.skinny_gemm(x, w, bias, c) if c else F.linear(x, w, bias)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias): our gemv for the few-row shapes where it beats cuBLAS (per the tuning table)."""
-    return _gemv.gemv(x, w, bias) if _on_gemv(x, w) else F.linear(x, w, bias)
+    """x @ w.T (+ bias): our gemv for the few-row shapes where it beats cuBLAS, our tensor-core skinny
+    GEMM for decode batches where it does (both per the tuning table), cuBLAS otherwise."""
+    return _gemv.gemv(x, w, bias) if _on_gemv(x, w) else _matmul(x, w, bias)
 
 
 def linear_glu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up in gemv's epilogue for few rows (no silu_mul kernel); cuBLAS + silu_mul otherwise."""
-    return _gemv.gemv(x, w, glu=True) if _on_gemv(x, w) else silu_mul(F.linear(x, w))
+    """silu(gate) * up in gemv's epilogue for few rows (no silu_mul kernel); a GEMM + silu_mul otherwise."""
+    return _gemv.gemv(x, w, glu=True) if _on_gemv(x, w) else silu_mul(_matmul(x, w))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

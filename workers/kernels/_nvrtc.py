@@ -251,14 +251,21 @@ def max_shared_per_block(device: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def set_shared_limit(fn: Any, shared_mem: int) -> None:
+    """Let `fn` launch with `shared_mem` bytes of dynamic shared memory (above 48 KB it must be asked for)."""
+    if shared_mem > 48 * 1024:
+        rc = _driver().cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), _MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                          ctypes.c_int(shared_mem))
+        if rc != 0:
+            raise RuntimeError(f"cuFuncSetAttribute({shared_mem} B of shared memory) failed: {_error_name(rc)}")
+
+
+@functools.lru_cache(maxsize=None)
 def blocks_per_sm(fn: Any, threads: int, shared_mem: int) -> int:
     """Blocks of `fn` resident at once on one SM with `threads` threads and `shared_mem` bytes of dynamic
     shared memory each (raising the kernel's dynamic shared-memory limit to that size first)."""
     drv = _driver()
-    if shared_mem > 48 * 1024:
-        rc = drv.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), _MAX_DYNAMIC_SHARED_SIZE_BYTES, ctypes.c_int(shared_mem))
-        if rc != 0:
-            raise RuntimeError(f"cuFuncSetAttribute({shared_mem} B of shared memory) failed: {_error_name(rc)}")
+    set_shared_limit(fn, shared_mem)
     n = ctypes.c_int()
     rc = drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), ctypes.c_void_p(fn.ptr), ctypes.c_int(threads),
                                                          ctypes.c_size_t(shared_mem))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from workers.kernels import gemv as _gemv
 from workers.kernels import paged_attention as _attn
+from workers.kernels import skinny_gemm as _skinny
 from workers.kernels.tuning import Tuning
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,29 @@ def tune_gemv(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, max_m: int
     return out
 
 
+def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> dict[str, dict[int, list[int]]]:
+    """Per "NxK": row bucket -> skinny_gemm's fastest [BN, splits] where it beats cuBLAS at that many rows
+    (buckets where cuBLAS wins are left out)."""
+    out: dict[str, dict[int, list[int]]] = {}
+    if dtype not in (torch.float16, torch.bfloat16):
+        return out
+    for name, (n, k) in shapes.items():
+        key = f"{n}x{k}"
+        copies = max(2, min(8, L2_ROTATE_BYTES // (n * k * 2)))
+        ws = [torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5 for _ in range(copies)]
+        for m in _skinny.ROW_BUCKETS:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            per = {c: time_ms(lambda i, c=c: _skinny.skinny_gemm(x, ws[i], choice=c), copies) for c in _skinny.CHOICES}
+            theirs = time_ms(lambda i: F.linear(x, ws[i]), copies)
+            best = min(per, key=per.get)
+            log.info("skinny %s M=%d: cuBLAS %.4f ms, ours %s", name, m, theirs,
+                     {f"{c[0]}x{c[1]}": round(v, 4) for c, v in per.items()})
+            if per[best] < theirs:
+                out.setdefault(key, {})[m] = list(best)
+        del ws
+    return out
+
+
 def tune_attention(nh: int, nkv: int, hd: int, dtype: torch.dtype, batches: tuple[int, ...],
                    contexts: tuple[int, ...], block_size: int = 16) -> dict[int, int]:
     """batch -> number of splits of the decode attention with the least summed slowdown over `contexts`
@@ -127,6 +151,7 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
         t.gemv_max_m[key] = r["max_m"]
         if r["choice"] is not None:
             t.gemv_rows[key], t.gemv_unroll[key], t.gemv_gpu_grid[key] = r["choice"]
+    t.skinny = tune_skinny(shapes, dtype)
     probe_q = torch.empty(1, len(q), cfg.head_dim, dtype=dtype, device="cuda")
     probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
     if _attn.supported(probe_q, probe_k):

@@ -18,6 +18,7 @@ class Tuning:
     default_gemv_rows: int = 2
     gemv_unroll: dict[str, int] = field(default_factory=dict)         # "NxK" -> loads in flight per lane/row
     gemv_gpu_grid: dict[str, bool] = field(default_factory=dict)      # "NxK" -> grid sized to the GPU
+    skinny: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # "NxK" -> row bucket -> [BN, splits]
 
     def splits_for(self, batch: int, nkv: int) -> int:
         """Splits of the decode attention for `batch` sequences (tuned, else enough blocks for 2 waves)."""
@@ -38,10 +39,21 @@ class Tuning:
         rows = self.gemv_rows.get(key, self.default_gemv_rows)
         return rows, self.gemv_unroll.get(key, 8 // rows), self.gemv_gpu_grid.get(key, True)
 
+    def skinny_choice(self, n: int, k: int, m: int) -> tuple[int, int] | None:
+        """skinny_gemm's launch (weight rows per block, K splits) for an [n,k] weight at m rows, or None
+        where cuBLAS was faster (or the shape was not tuned)."""
+        from workers.kernels.skinny_gemm import MAX_M, row_bucket
+
+        if m > MAX_M:
+            return None
+        c = self.skinny.get(f"{n}x{k}", {}).get(row_bucket(m))
+        return tuple(c) if c else None
+
     def to_dict(self) -> dict:
         """JSON-ready form (integer keys become strings)."""
         d = asdict(self)
         d["attention_splits"] = {str(k): v for k, v in self.attention_splits.items()}
+        d["skinny"] = {key: {str(m): list(c) for m, c in per.items()} for key, per in self.skinny.items()}
         return d
 
     @classmethod
@@ -54,7 +66,9 @@ class Tuning:
                    gemv_rows={str(k): int(v) for k, v in d.get("gemv_rows", {}).items()},
                    default_gemv_rows=int(d.get("default_gemv_rows", 2)),
                    gemv_unroll={str(k): int(v) for k, v in d.get("gemv_unroll", {}).items()},
-                   gemv_gpu_grid={str(k): bool(v) for k, v in d.get("gemv_gpu_grid", {}).items()})
+                   gemv_gpu_grid={str(k): bool(v) for k, v in d.get("gemv_gpu_grid", {}).items()},
+                   skinny={str(key): {int(m): [int(v) for v in c] for m, c in per.items()}
+                           for key, per in d.get("skinny", {}).items()})
 
 
 CURRENT = Tuning()

@@ -1,0 +1,73 @@
+"""Loader of skinny_gemm.cu: decode-batch GEMMs (up to 128 rows) on the tensor cores, weights streamed once."""
+from __future__ import annotations
+
+import torch
+
+from workers.kernels import tuning
+from workers.kernels._nvrtc import aligned, function, i32, i64, launch, ptr, set_shared_limit, spec
+
+BK = 64                    # K slice per stage (as in the .cu)
+STAGES = 4
+ROW_BUCKETS = (16, 32, 64, 128)   # compiled row counts: M runs padded to the next one
+MAX_M = ROW_BUCKETS[-1]
+# (weight rows per block, K splits): the launch choices the build times per weight shape and row bucket
+CHOICES = tuple((bn, s) for bn in (64, 128) for s in (1, 2, 4, 8))
+_counters: list[torch.Tensor] = []   # per-tile split counters, zero between launches (kept alive: graphs hold them)
+
+
+def row_bucket(m: int) -> int:
+    """The compiled row count that runs an M-row GEMM."""
+    return next(b for b in ROW_BUCKETS if b >= m)
+
+
+def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether skinny_gemm can run x[M,K] @ w[N,K]^T: 16-bit, M <= MAX_M, K % 8 == 0, 16-byte aligned rows."""
+    M, K = x.shape
+    return (1 <= M <= MAX_M and x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype
+            and K % 8 == 0 and w.shape[1] == K and x.stride(1) == 1 and x.stride(0) % 8 == 0
+            and w.is_contiguous() and aligned(x, w))
+
+
+def module_specs(dtype: torch.dtype) -> list:
+    """The compiled variants the choices use (what an engine build compiles ahead)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return []
+    return [spec("skinny_gemm", dtype, MP=mp, BN=bn, STAGES=STAGES)
+            for mp in ROW_BUCKETS for bn in sorted({c[0] for c in CHOICES})]
+
+
+def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
+    for buf in _counters:
+        if buf.device == device and buf.numel() >= n:
+            return buf
+    if torch.cuda.is_current_stream_capturing():   # zeros made now would only be written at replay
+        raise RuntimeError("skinny_gemm: run it once outside CUDA graph capture first (its split counters)")
+    buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    _counters.append(buf)
+    return buf
+
+
+def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                choice: tuple[int, int] | None = None) -> torch.Tensor:
+    """x[M,K] @ w[N,K]^T (+ bias[N]) -> [M,N] (check `supported` first); `choice` (weight rows per block, K
+    splits) defaults to the tuning table's for this shape and row bucket, else (128, 1)."""
+    M, K = x.shape
+    N = w.shape[0]
+    mp = row_bucket(M)
+    bn, splits = choice or tuning.CURRENT.skinny_choice(N, K, M) or (128, 1)
+    k_tiles = -(-K // BK)
+    k_per_split = -(-k_tiles // max(1, min(splits, k_tiles))) * BK
+    splits = -(-K // k_per_split)
+    tiles = -(-N // bn)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    ws = counters = None
+    if splits > 1:
+        ws = torch.empty(splits * tiles * bn * mp, dtype=torch.float32, device=x.device)
+        counters = _counter_buffer(x.device, tiles)
+    fn = function(spec("skinny_gemm", x.dtype, MP=mp, BN=bn, STAGES=STAGES), "skinny_gemm")
+    smem = STAGES * (bn + mp) * BK * x.element_size()
+    set_shared_limit(fn, smem)
+    launch(fn, (tiles, splits), (bn // 16 * 32,),
+           (ptr(x), i64(x.stride(0)), ptr(w), ptr(None if bias is None else bias.contiguous()), ptr(y), ptr(ws),
+            ptr(counters), i32(M), i32(N), i32(K), i32(k_per_split)), shared_mem=smem)
+    return y
