@@ -15,7 +15,7 @@ say() { echo "=== [$((SECONDS - t0)) s] $*"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 say "quick kernel checks"
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py \
-  -k "programmatic or graph or gemv" 2>&1 | tail -3
+  -k "${TESTS_K:-programmatic or graph or gemv or skinny}" 2>&1 | tail -5
 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py 2>&1 | tail -3
 if [ -n "${KERNELS:-}" ]; then
   say "kernel micro-benchmarks ($KERNELS)"
