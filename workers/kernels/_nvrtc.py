@@ -252,8 +252,9 @@ def max_shared_per_block(device: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def set_shared_limit(fn: Any, shared_mem: int) -> None:
-    """Let `fn` launch with `shared_mem` bytes of dynamic shared memory (above 48 KB it must be asked for)."""
-    if shared_mem > 48 * 1024:
+    """Let `fn` launch with `shared_mem` bytes of dynamic shared memory (past 48 KB with its static shared
+    memory, it must be asked for)."""
+    if shared_mem > 0:
         rc = _driver().cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), _MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                           ctypes.c_int(shared_mem))
         if rc != 0:
