@@ -55,12 +55,12 @@ def bench_skinny(out: dict) -> None:
         for m in skinny_gemm.ROW_BUCKETS:
             x = torch.randn(m, k, device="cuda", dtype=dt)
             per = {c: time_ms(lambda i, c=c: skinny_gemm.skinny_gemm(x, ws[i], choice=c), copies, reps=30)
-                   for c in skinny_gemm.CHOICES}
+                   for c in skinny_gemm.CHOICES if skinny_gemm.fits(c, m, dt)}
             for c, ms in per.items():
-                out[f"skinny_{name}_m{m}_bn{c[0]}_split{c[1]}_gb_s"] = round(gb / (ms / 1e3), 1)
+                out[f"skinny_{name}_m{m}_bn{c[0]}_split{c[1]}_bk{c[2]}_st{c[3]}_gb_s"] = round(gb / (ms / 1e3), 1)
             best = min(per, key=per.get)
             out[f"skinny_{name}_m{m}_best_gb_s"] = round(gb / (per[best] / 1e3), 1)
-            out[f"skinny_{name}_m{m}_best_choice"] = f"bn{best[0]}_split{best[1]}"
+            out[f"skinny_{name}_m{m}_best_choice"] = "bn{}_split{}_bk{}_st{}".format(*best)
             cub = time_ms(lambda i: F.linear(x, ws[i]), copies, reps=30)
             out[f"cublas_{name}_m{m}_gb_s"] = round(gb / (cub / 1e3), 1)
         del ws

@@ -43,7 +43,7 @@ def test_kernel_specs_follow_model_shape():
     cfg = parse_model_config(tiny_config("llama", num_attention_heads=8, num_key_value_heads=2)).to_dict()
     specs = kernel_specs(cfg, 1, "bfloat16")
     fams = [s.family for s in specs]
-    assert fams == ["rms_norm", "silu_mul", "rope_cache", *["gemv"] * 3, *["skinny_gemm"] * 8, "paged_attention"]
+    assert fams == ["rms_norm", "silu_mul", "rope_cache", *["gemv"] * 3, *["skinny_gemm"] * 16, "paged_attention"]
     assert "skinny_gemm" not in [s.family for s in kernel_specs(cfg, 1, "float32")]   # 16-bit types only
     attn = dict(specs[-1].defines)
     assert attn == {"DTYPE": 2, "GROUP": 4, "HD": 16}
@@ -65,7 +65,7 @@ def test_engine_manifest_reading(tmp_path):
 def test_tuning_table_round_trip_and_lookup():
     t = Tuning(attention_splits={1: 32, 8: 4, 64: 1}, gemv_max_m={"4096x4096": 3}, default_gemv_max_m=2,
                gemv_rows={"4096x4096": 4, "6144x4096": 1}, gemv_unroll={"6144x4096": 4},
-               gemv_gpu_grid={"6144x4096": False}, skinny={"4096x4096": {16: [64, 4], 64: [128, 2]}})
+               gemv_gpu_grid={"6144x4096": False}, skinny={"4096x4096": {16: [64, 4, 64, 4], 64: [128, 2, 128, 3]}})
     back = Tuning.from_dict(json.loads(json.dumps(t.to_dict())))
     assert back == t
     assert [t.splits_for(b, 8) for b in (1, 2, 8, 9, 64, 300)] == [32, 4, 4, 1, 1, 1]
@@ -73,7 +73,7 @@ def test_tuning_table_round_trip_and_lookup():
     assert t.gemv_choice(4096, 4096) == (4, 2, True) and t.gemv_choice(1, 8) == (2, 4, True)
     assert t.gemv_choice(6144, 4096) == (1, 4, False)
     assert [t.skinny_choice(4096, 4096, m) for m in (2, 16, 17, 33, 64, 65, 129)] == \
-        [(64, 4), (64, 4), None, (128, 2), (128, 2), None, None]            # row buckets 16 / 32 / 64 / 128
+        [(64, 4, 64, 4), (64, 4, 64, 4), None, (128, 2, 128, 3), (128, 2, 128, 3), None, None]            # row buckets 16 / 32 / 64 / 128
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

@@ -19,7 +19,7 @@ from workers.kernels.paged_attention import paged_decode_attention  # noqa: E402
 from workers.kernels.rms_norm import rms_norm  # noqa: E402
 from workers.kernels.rope_cache import rope_and_cache_write  # noqa: E402
 from workers.kernels.silu_mul import silu_mul  # noqa: E402
-from workers.kernels.skinny_gemm import skinny_gemm, supported as skinny_supported  # noqa: E402
+from workers.kernels.skinny_gemm import fits as skinny_fits, skinny_gemm, supported as skinny_supported  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -250,7 +250,8 @@ def test_programmatic_dependent_launch_keeps_kernel_order():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [2, 9, 16, 33, 64, 100, 128])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (136, 1032), (1000, 14336), (7, 24)])
-@pytest.mark.parametrize("choice", [(64, 1), (128, 1), (64, 3), (128, 8)])
+@pytest.mark.parametrize("choice", [(64, 1, 64, 4), (128, 1, 128, 3), (64, 3, 64, 4), (128, 8, 128, 3), (64, 2, 256, 2),
+                                    (64, 1, 256, 3)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_skinny_gemm(dtype, M, N, K, choice, bias):
     """Rows padded to their bucket, ragged N and K tiles, split-K with its in-order fix-up, bias."""
@@ -258,6 +259,10 @@ def test_skinny_gemm(dtype, M, N, K, choice, bias):
     w = rnd(N, K, dtype=dtype, scale=K ** -0.5)
     b = rnd(N, dtype=dtype) if bias else None
     assert skinny_supported(x, w)
+    if not skinny_fits(choice, M, dtype):
+        with pytest.raises(ValueError, match="shared memory"):
+            skinny_gemm(x, w, b, choice=choice)
+        return
     poison()
     y = skinny_gemm(x, w, b, choice=choice)
     assert y.shape == (M, N)
@@ -268,17 +273,17 @@ def test_skinny_gemm_split_k_is_deterministic_and_graph_safe():
     """Split-K gives the same bits run after run (the last split adds the splits in order), its counters
     are back at zero after each launch, and it replays inside a CUDA graph on new inputs."""
     x, w = rnd(64, 14336, dtype=torch.bfloat16), rnd(4096, 14336, dtype=torch.bfloat16, scale=14336 ** -0.5)
-    first = skinny_gemm(x, w, choice=(128, 8))
+    first = skinny_gemm(x, w, choice=(128, 8, 128, 3))
     for _ in range(3):
-        assert torch.equal(skinny_gemm(x, w, choice=(128, 8)), first)
+        assert torch.equal(skinny_gemm(x, w, choice=(128, 8, 128, 3)), first)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        y = skinny_gemm(x, w, choice=(128, 8))
+        y = skinny_gemm(x, w, choice=(128, 8, 128, 3))
     for _ in range(3):
         x.copy_(rnd(64, 14336, dtype=torch.bfloat16))
         g.replay()
         torch.cuda.synchronize()
-        assert torch.equal(y, skinny_gemm(x, w, choice=(128, 8)))
+        assert torch.equal(y, skinny_gemm(x, w, choice=(128, 8, 128, 3)))
         assert rel_err(y, ref.gemv(x.double(), w.double())) < 1e-2
 
 
@@ -289,11 +294,11 @@ def test_backend_linear_takes_skinny_gemm_where_tuned():
 
     w = rnd(1536, 4096, dtype=torch.bfloat16, scale=4096 ** -0.5)
     old = tuning.CURRENT
-    tuning.set_current(tuning.Tuning(gemv_max_m={"1536x4096": 1}, skinny={"1536x4096": {32: [64, 2]}}))
+    tuning.set_current(tuning.Tuning(gemv_max_m={"1536x4096": 1}, skinny={"1536x4096": {32: [64, 2, 128, 4]}}))
     try:
         for m in (17, 32):
             x = rnd(m, 4096, dtype=torch.bfloat16)
-            assert torch.equal(cuda.linear(x, w), skinny_gemm(x, w, choice=(64, 2)))
+            assert torch.equal(cuda.linear(x, w), skinny_gemm(x, w, choice=(64, 2, 128, 4)))
         x = rnd(40, 4096, dtype=torch.bfloat16)
         assert torch.equal(cuda.linear(x, w), torch.nn.functional.linear(x, w))
     finally:

@@ -82,7 +82,7 @@ def tune_gemv(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, max_m: int
 
 
 def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> dict[str, dict[int, list[int]]]:
-    """Per "NxK": row bucket -> skinny_gemm's fastest [BN, splits] where it beats cuBLAS at that many rows
+    """Per "NxK": row bucket -> skinny_gemm's fastest choice where it beats cuBLAS at that many rows
     (buckets where cuBLAS wins are left out)."""
     out: dict[str, dict[int, list[int]]] = {}
     if dtype not in (torch.float16, torch.bfloat16):
@@ -93,11 +93,12 @@ def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> dict[
         ws = [torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5 for _ in range(copies)]
         for m in _skinny.ROW_BUCKETS:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            per = {c: time_ms(lambda i, c=c: _skinny.skinny_gemm(x, ws[i], choice=c), copies) for c in _skinny.CHOICES}
+            per = {c: time_ms(lambda i, c=c: _skinny.skinny_gemm(x, ws[i], choice=c), copies)
+                   for c in _skinny.CHOICES if _skinny.fits(c, m, dtype)}
             theirs = time_ms(lambda i: F.linear(x, ws[i]), copies)
             best = min(per, key=per.get)
             log.info("skinny %s M=%d: cuBLAS %.4f ms, ours %s", name, m, theirs,
-                     {f"{c[0]}x{c[1]}": round(v, 4) for c, v in per.items()})
+                     {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
             if per[best] < theirs:
                 out.setdefault(key, {})[m] = list(best)
         del ws

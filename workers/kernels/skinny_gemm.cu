@@ -1,8 +1,8 @@
 // Skinny GEMM on the tensor cores for decode batches: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), 16-bit in,
 // fp32 accumulate, M <= MP (compile-time, a multiple of 16; rows past M are zeros).
 // Block: BN weight rows (BN / 16 warps of 16 rows each) against all MP rows of x; K streams through
-// STAGES shared-memory stages of BK = 64 (cp.async, 16 bytes a copy, rows swizzled against bank
-// conflicts). mma.sync m16n8k16 makes the transposed tile C^T[n, m]: the weights are operand A and x
+// STAGES shared-memory stages of BK (64, 128 or 256) columns (cp.async, 16 bytes a copy, rows swizzled
+// against bank conflicts; longer slices read longer runs of each weight row). mma.sync m16n8k16 makes the transposed tile C^T[n, m]: the weights are operand A and x
 // operand B, both K-major as they are stored. Split-K over gridDim.y: each split writes its fp32 tile to
 // `ws`, and the split that finishes last (a counter per tile, left at zero again) adds the splits in
 // order (the same bits whichever finishes last) and writes y. Before the PDL wait, a block starts its
@@ -10,7 +10,10 @@
 #if DTYPE == 0
 #error "skinny_gemm takes 16-bit types only"
 #endif
+#ifndef BK
 #define BK 64
+#endif
+#define CPR (BK / 8)   // 16-byte chunks per tile row
 #ifndef MP
 #define MP 64
 #endif
@@ -28,7 +31,7 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
   return a;
 }
-// element offset of 16-byte chunk c (0..7) of row r in a [rows][BK] tile, chunks XOR-swizzled by row
+// element offset of 16-byte chunk c of row r in a [rows][BK] tile, chunks XOR-swizzled by row (low 3 bits)
 __device__ __forceinline__ int swz(int r, int c) { return r * BK + ((c ^ (r & 7)) << 3); }
 
 __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int src_bytes) {
@@ -71,16 +74,16 @@ skinny_gemm(const scalar_t* __restrict__ x, long long x_stride, const scalar_t* 
 
   auto load_w = [&](int kt) {
     const int k0 = kb + kt * BK, st = kt % STAGES;
-    for (int i = tid; i < BN * 8; i += NWARPS * 32) {
-      const int r = i >> 3, c = i & 7, n = n0 + r, k = k0 + c * 8;
+    for (int i = tid; i < BN * CPR; i += NWARPS * 32) {
+      const int r = i / CPR, c = i % CPR, n = n0 + r, k = k0 + c * 8;
       const bool ok = n < N && k < ke;
       cp_async16(sw + (st * BN * BK + swz(r, c)) * sizeof(scalar_t), ok ? W + (long long)n * K + k : W, ok ? 16 : 0);
     }
   };
   auto load_x = [&](int kt) {
     const int k0 = kb + kt * BK, st = kt % STAGES;
-    for (int i = tid; i < MP * 8; i += NWARPS * 32) {
-      const int r = i >> 3, c = i & 7, k = k0 + c * 8;
+    for (int i = tid; i < MP * CPR; i += NWARPS * 32) {
+      const int r = i / CPR, c = i % CPR, k = k0 + c * 8;
       const bool ok = r < M && k < ke;
       cp_async16(sx + (st * MP * BK + swz(r, c)) * sizeof(scalar_t), ok ? x + r * x_stride + k : x, ok ? 16 : 0);
     }

@@ -4,14 +4,15 @@ from __future__ import annotations
 import torch
 
 from workers.kernels import tuning
-from workers.kernels._nvrtc import aligned, function, i32, i64, launch, ptr, set_shared_limit, spec
+from workers.kernels._nvrtc import (aligned, function, i32, i64, launch, max_shared_per_block, ptr, set_shared_limit,
+                                   spec)
 
-BK = 64                    # K slice per stage (as in the .cu)
-STAGES = 4
 ROW_BUCKETS = (16, 32, 64, 128)   # compiled row counts: M runs padded to the next one
 MAX_M = ROW_BUCKETS[-1]
-# (weight rows per block, K splits): the launch choices the build times per weight shape and row bucket
-CHOICES = tuple((bn, s) for bn in (64, 128) for s in (1, 2, 4, 8))
+# (weight rows per block, K splits, K columns per stage, stages): the launch choices the build times per
+# weight shape and row bucket
+CHOICES = tuple((bn, s, bk, st) for bn, bk, st in ((64, 64, 4), (64, 128, 4), (64, 256, 3), (128, 128, 3))
+                for s in (1, 2, 4, 8))
 _counters: list[torch.Tensor] = []   # per-tile split counters, zero between launches (kept alive: graphs hold them)
 
 
@@ -28,12 +29,23 @@ def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.is_contiguous() and aligned(x, w))
 
 
+def shared_bytes(choice: tuple[int, int, int, int], m: int, dtype: torch.dtype) -> int:
+    """Dynamic shared memory of a launch: its stages of weight and x slices."""
+    bn, _, bk, stages = choice
+    return stages * (bn + row_bucket(m)) * bk * dtype.itemsize
+
+
+def fits(choice: tuple[int, int, int, int], m: int, dtype: torch.dtype) -> bool:
+    """Whether a choice's stages fit one block's shared memory on this GPU at m rows."""
+    return shared_bytes(choice, m, dtype) + 1024 <= max_shared_per_block(torch.cuda.current_device())
+
+
 def module_specs(dtype: torch.dtype) -> list:
     """The compiled variants the choices use (what an engine build compiles ahead)."""
     if dtype not in (torch.float16, torch.bfloat16):
         return []
-    return [spec("skinny_gemm", dtype, MP=mp, BN=bn, STAGES=STAGES)
-            for mp in ROW_BUCKETS for bn in sorted({c[0] for c in CHOICES})]
+    return [spec("skinny_gemm", dtype, MP=mp, BN=bn, BK=bk, STAGES=st)
+            for mp in ROW_BUCKETS for bn, bk, st in sorted({c[::2] + c[3:] for c in CHOICES})]
 
 
 def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
@@ -48,15 +60,19 @@ def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
 
 
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                choice: tuple[int, int] | None = None) -> torch.Tensor:
+                choice: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x[M,K] @ w[N,K]^T (+ bias[N]) -> [M,N] (check `supported` first); `choice` (weight rows per block, K
-    splits) defaults to the tuning table's for this shape and row bucket, else (128, 1)."""
+    splits, K columns per stage, stages) defaults to the tuning table's for this shape and row bucket."""
     M, K = x.shape
     N = w.shape[0]
     mp = row_bucket(M)
-    bn, splits = choice or tuning.CURRENT.skinny_choice(N, K, M) or (128, 1)
-    k_tiles = -(-K // BK)
-    k_per_split = -(-k_tiles // max(1, min(splits, k_tiles))) * BK
+    choice = choice or tuning.CURRENT.skinny_choice(N, K, M) or CHOICES[0]
+    if not fits(choice, M, x.dtype):
+        raise ValueError(f"skinny_gemm choice {choice} needs {shared_bytes(choice, M, x.dtype)} B of shared memory "
+                         f"at {M} rows: more than a block may have here")
+    bn, splits, bk, stages = choice
+    k_tiles = -(-K // bk)
+    k_per_split = -(-k_tiles // max(1, min(splits, k_tiles))) * bk
     splits = -(-K // k_per_split)
     tiles = -(-N // bn)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -64,8 +80,8 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     if splits > 1:
         ws = torch.empty(splits * tiles * bn * mp, dtype=torch.float32, device=x.device)
         counters = _counter_buffer(x.device, tiles)
-    fn = function(spec("skinny_gemm", x.dtype, MP=mp, BN=bn, STAGES=STAGES), "skinny_gemm")
-    smem = STAGES * (bn + mp) * BK * x.element_size()
+    fn = function(spec("skinny_gemm", x.dtype, MP=mp, BN=bn, BK=bk, STAGES=stages), "skinny_gemm")
+    smem = shared_bytes(choice, M, x.dtype)
     set_shared_limit(fn, smem)
     launch(fn, (tiles, splits), (bn // 16 * 32,),
            (ptr(x), i64(x.stride(0)), ptr(w), ptr(None if bias is None else bias.contiguous()), ptr(y), ptr(ws),

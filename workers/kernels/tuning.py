@@ -18,7 +18,7 @@ class Tuning:
     default_gemv_rows: int = 2
     gemv_unroll: dict[str, int] = field(default_factory=dict)         # "NxK" -> loads in flight per lane/row
     gemv_gpu_grid: dict[str, bool] = field(default_factory=dict)      # "NxK" -> grid sized to the GPU
-    skinny: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # "NxK" -> row bucket -> [BN, splits]
+    skinny: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # "NxK" -> row bucket -> choice
 
     def splits_for(self, batch: int, nkv: int) -> int:
         """Splits of the decode attention for `batch` sequences (tuned, else enough blocks for 2 waves)."""
@@ -39,8 +39,9 @@ class Tuning:
         rows = self.gemv_rows.get(key, self.default_gemv_rows)
         return rows, self.gemv_unroll.get(key, 8 // rows), self.gemv_gpu_grid.get(key, True)
 
-    def skinny_choice(self, n: int, k: int, m: int) -> tuple[int, int] | None:
-        """skinny_gemm's launch (weight rows per block, K splits) for an [n,k] weight at m rows, or None
+    def skinny_choice(self, n: int, k: int, m: int) -> tuple[int, int, int, int] | None:
+        """skinny_gemm's launch (weight rows per block, K splits, K columns per stage, stages) for an [n,k]
+        weight at m rows, or None
         where cuBLAS was faster (or the shape was not tuned)."""
         from workers.kernels.skinny_gemm import MAX_M, row_bucket
 
