@@ -4,6 +4,9 @@
 // over split s of sequence b's visible keys; TPT = HD/8 lanes share one key (8 dims each), so a block
 // walks NSUB keys at a time. Keys visible to the query at position ctx-1: [max(0, ctx - window), ctx)
 // (window 0: all). Split length = max(ceil(n / NS), min_split); splits past the end do nothing.
+// K and V reach shared memory in tiles of TK = NSUB x UNROLL keys through KV_STAGES cp.async stages
+// (dynamic shared memory, KV_STAGES x 2 x TK x HD elements; the final merge reuses it): the next tiles'
+// loads are in flight while this one is scored, and no K/V is held in registers.
 // NS == 1 writes out directly; otherwise partial sums go to part_acc / part_ml and paged_decode_combine
 // finishes. Scores are kept in log2 units (q is pre-scaled by scale * log2(e)).
 #ifndef HD
@@ -16,11 +19,22 @@
 #define TPT (HD / 8)
 #define NSUB (NTHREADS / TPT)
 #ifndef UNROLL
-#define UNROLL (GROUP >= 8 ? 2 : 4)   // keys in flight per subgroup (register budget: GROUP x 16 accumulators)
+#define UNROLL (GROUP >= 8 ? 2 : 4)   // keys per subgroup and tile (register budget: GROUP x UNROLL scores)
 #endif
+#ifndef KV_STAGES
+#define KV_STAGES 3
+#endif
+#define TK (NSUB * UNROLL)                        // keys per tile
+#define ROW_UNITS (HD * (int)sizeof(scalar_t) / 16)   // 16-byte units per key row of one head
 
 __device__ __forceinline__ int split_length(int n, int ns, int min_split) {
   return max((n + ns - 1) / ns, min_split);
+}
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
 }
 
 extern "C" __global__ void __launch_bounds__(NTHREADS)
@@ -28,7 +42,8 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
              const scalar_t* __restrict__ v_cache, const int* __restrict__ block_tables, int maxb,
              const int* __restrict__ context_lens, scalar_t* __restrict__ out, float* __restrict__ part_acc,
              float* __restrict__ part_ml, int nkv, int block_size, float scale_log2, int window, int min_split) {
-  __shared__ float sm_acc[NSUB][GROUP][HD];
+  extern __shared__ __align__(16) unsigned char attn_smem[];
+  scalar_t* kv_tiles = (scalar_t*)attn_smem;           // [KV_STAGES][2][TK][HD]
   __shared__ float sm_m[NSUB][GROUP], sm_l[NSUB][GROUP];
   pdl_start();
   const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, ns = gridDim.z;
@@ -40,6 +55,31 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
   const int start = lo + split * split_len;
   if (ns > 1 && start >= ctx) return;
   const int end = min(ctx, start + split_len);
+  const int ntiles = (end - start + TK - 1) / TK;
+  const int* bt = block_tables + (long long)b * maxb;
+  const long long tok_stride = (long long)nkv * HD;
+
+  // tile `it` into stage it % KV_STAGES: K rows then V rows, 16 bytes per copy, keys past `end` skipped
+  auto load_tile = [&](int it) {
+    const int t0 = start + it * TK;
+    scalar_t* dst = kv_tiles + (it % KV_STAGES) * 2 * TK * HD;
+    for (int i = tid; i < 2 * TK * ROW_UNITS; i += NTHREADS) {
+      const int kv = i / (TK * ROW_UNITS), rem = i - kv * (TK * ROW_UNITS);
+      const int j = rem / ROW_UNITS, c = rem - j * ROW_UNITS, t = t0 + j;
+      if (t < end) {
+        const long long slot = (long long)bt[t / block_size] * block_size + t % block_size;
+        const scalar_t* src = (kv ? v_cache : k_cache) + slot * tok_stride + (long long)kvh * HD;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                     :: "r"(smem_addr((unsigned char*)(dst + (kv * TK + j) * HD) + c * 16)),
+                        "l"((const unsigned char*)src + c * 16) : "memory");
+      }
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < KV_STAGES - 1; ++s) {
+    if (s < ntiles) load_tile(s);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  }
 
   float qr[GROUP][8];
 #pragma unroll
@@ -56,34 +96,24 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
   }
-  const int* bt = block_tables + (long long)b * maxb;
-  const long long tok_stride = (long long)nkv * HD;
-  const long long head_off = (long long)kvh * HD + lane * 8;
 
-  for (int base = start; base < end; base += NSUB * UNROLL) {
-    // all UNROLL keys' slots first (independent block-table reads), then all their K/V loads in flight
-    long long slot[UNROLL];
+  for (int it = 0; it < ntiles; ++it) {
+    asm volatile("cp.async.wait_group %0;" :: "n"(KV_STAGES - 2) : "memory");
+    __syncthreads();   // tile it is in for every thread; the stage of tile it - 1 is free
+    if (it + KV_STAGES - 1 < ntiles) load_tile(it + KV_STAGES - 1);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    const scalar_t* kt = kv_tiles + (it % KV_STAGES) * 2 * TK * HD;
+    const scalar_t* vt = kt + TK * HD;
+    const int base = start + it * TK;
+    // the UNROLL keys' scores first, then one max / rescale per head for all of them
+    float sc[UNROLL][GROUP];
     bool ok[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const int t = base + u * NSUB + sub;
-      ok[u] = t < end;
-      slot[u] = ok[u] ? (long long)bt[t / block_size] * block_size + t % block_size : 0;
-    }
-    raw8 kr[UNROLL], vr[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      if (ok[u]) {
-        kr[u] = load_raw8(k_cache + slot[u] * tok_stride + head_off);
-        vr[u] = load_raw8(v_cache + slot[u] * tok_stride + head_off);
-      }
-    }
-    // the UNROLL keys' scores first, then one max / rescale per head for all of them
-    float sc[UNROLL][GROUP];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
+      const int j = u * NSUB + sub;
+      ok[u] = base + j < end;
       float kf[8];
-      unraw8(kr[u], kf);
+      load8_rw(kt + j * HD + lane * 8, kf);
 #pragma unroll
       for (int g = 0; g < GROUP; ++g) {
         float sv = 0.f;
@@ -116,7 +146,7 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
     for (int u = 0; u < UNROLL; ++u) {
       if (!ok[u]) continue;
       float vf[8];
-      unraw8(vr[u], vf);
+      load8_rw(vt + (u * NSUB + sub) * HD + lane * 8, vf);
 #pragma unroll
       for (int g = 0; g < GROUP; ++g)
         if (m[g] != -INFINITY) {
@@ -125,6 +155,9 @@ paged_decode(const scalar_t* __restrict__ q, long long q_stride, const scalar_t*
         }
     }
   }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  __syncthreads();     // every thread is past its last tile: the stages become the merge buffer
+  float (*sm_acc)[GROUP][HD] = (float (*)[GROUP][HD])attn_smem;   // [NSUB][GROUP][HD]
 #pragma unroll
   for (int g = 0; g < GROUP; ++g) {
 #pragma unroll

@@ -6,10 +6,18 @@ import math
 import torch
 
 from workers.kernels import tuning
-from workers.kernels._nvrtc import f32, function, i32, i64, launch, ptr, spec
+from workers.kernels._nvrtc import f32, function, i32, i64, launch, ptr, set_shared_limit, spec
 
 THREADS = 128
 SMEM_LIMIT = 48 * 1024
+KV_STAGES = 3   # as in the .cu
+
+
+def shared_bytes(hd: int, group: int, elem: int) -> int:
+    """paged_decode's dynamic shared memory: its K/V tile stages, or the merge buffer if larger."""
+    nsub = THREADS // (hd // 8)
+    unroll = 2 if group >= 8 else 4
+    return max(KV_STAGES * 2 * nsub * unroll * hd * elem, nsub * group * hd * 4)
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -46,10 +54,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_acc = part_ml = None
     s = spec("paged_attention", q.dtype, HD=hd, GROUP=nh // nkv)
     window = int(sliding_window or 0)
-    launch(function(s, "paged_decode"), (nkv, B, ns), (THREADS,),
+    fn = function(s, "paged_decode")
+    smem = shared_bytes(hd, nh // nkv, q.element_size())
+    set_shared_limit(fn, smem)
+    launch(fn, (nkv, B, ns), (THREADS,),
            (ptr(q), i64(q.stride(0)), ptr(k_cache), ptr(v_cache), ptr(bt), i32(bt.shape[1]), ptr(cl), ptr(out),
             ptr(part_acc), ptr(part_ml), i32(nkv), i32(block_size), f32(scale * math.log2(math.e)), i32(window),
-            i32(t.attention_min_split)))
+            i32(t.attention_min_split)), shared_mem=smem)
     if ns > 1:
         launch(function(s, "paged_decode_combine"), (nh, B), (hd,),
                (ptr(part_acc), ptr(part_ml), ptr(cl), ptr(out), i32(nh), i32(ns), i32(window),
