@@ -76,9 +76,11 @@ def bench_attention(out: dict) -> None:
         cl = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
         q = torch.randn(b, nh, hd, device="cuda", dtype=dt)
         kv_bytes = 2 * b * ctx * nkv * hd * 2
-        ms = time_ms(lambda i: paged_attention.paged_decode_attention(q, kc, vc, bt, cl, hd ** -0.5), 1, reps=30)
-        out[f"attn_b{b}_ctx{ctx}_us"] = round(ms * 1e3, 1)
-        out[f"attn_b{b}_ctx{ctx}_gb_s"] = round(kv_bytes / (ms / 1e3) / 1e9, 1)
+        for st in paged_attention.STAGE_CHOICES:   # default splits; K/V in registers (0) or staged
+            ms = time_ms(lambda i: paged_attention.paged_decode_attention(q, kc, vc, bt, cl, hd ** -0.5, stages=st),
+                         1, reps=30)
+            out[f"attn_b{b}_ctx{ctx}_st{st}_us"] = round(ms * 1e3, 1)
+            out[f"attn_b{b}_ctx{ctx}_st{st}_gb_s"] = round(kv_bytes / (ms / 1e3) / 1e9, 1)
         del kc, vc
 
 

@@ -43,11 +43,12 @@ def test_kernel_specs_follow_model_shape():
     cfg = parse_model_config(tiny_config("llama", num_attention_heads=8, num_key_value_heads=2)).to_dict()
     specs = kernel_specs(cfg, 1, "bfloat16")
     fams = [s.family for s in specs]
-    assert fams == ["rms_norm", "silu_mul", "rope_cache", *["gemv"] * 3, *["skinny_gemm"] * 8, "paged_attention"]
+    assert fams == ["rms_norm", "silu_mul", "rope_cache", *["gemv"] * 3, *["skinny_gemm"] * 8,
+                    *["paged_attention"] * 3]
     assert "skinny_gemm" not in [s.family for s in kernel_specs(cfg, 1, "float32")]   # 16-bit types only
     attn = dict(specs[-1].defines)
-    assert attn == {"DTYPE": 2, "GROUP": 4, "HD": 16}
-    assert dict(kernel_specs(cfg, 2, "float32")[-1].defines) == {"DTYPE": 0, "GROUP": 4, "HD": 16}
+    assert attn == {"DTYPE": 2, "GROUP": 4, "HD": 16, "KV_STAGES": 4}
+    assert dict(kernel_specs(cfg, 2, "float32")[-1].defines) == {"DTYPE": 0, "GROUP": 4, "HD": 16, "KV_STAGES": 4}
     assert sources_hash(specs) != sources_hash(kernel_specs(cfg, 1, "float16"))
     assert "#define HD 16" in specs[-1].source() and "paged_decode_combine" in specs[-1].source()
 
@@ -63,12 +64,14 @@ def test_engine_manifest_reading(tmp_path):
 
 
 def test_tuning_table_round_trip_and_lookup():
-    t = Tuning(attention_splits={1: 32, 8: 4, 64: 1}, gemv_max_m={"4096x4096": 3}, default_gemv_max_m=2,
+    t = Tuning(attention_splits={1: 32, 8: 4, 64: 1}, attention_stages={1: 0, 8: 3, 64: 2}, gemv_max_m={"4096x4096": 3}, default_gemv_max_m=2,
                gemv_rows={"4096x4096": 4, "6144x4096": 1}, gemv_unroll={"6144x4096": 4},
                gemv_gpu_grid={"6144x4096": False}, skinny={"4096x4096": {16: [64, 4, 64, 4], 64: [128, 2, 128, 3]}})
     back = Tuning.from_dict(json.loads(json.dumps(t.to_dict())))
     assert back == t
     assert [t.splits_for(b, 8) for b in (1, 2, 8, 9, 64, 300)] == [32, 4, 4, 1, 1, 1]
+    assert [t.stages_for(b) for b in (1, 2, 8, 9, 64, 300)] == [0, 3, 3, 2, 2, 2]
+    assert Tuning().stages_for(5) == 0
     assert t.gemv_limit(4096, 4096) == 3 and t.gemv_limit(14336, 4096) == 2
     assert t.gemv_choice(4096, 4096) == (4, 2, True) and t.gemv_choice(1, 8) == (2, 4, True)
     assert t.gemv_choice(6144, 4096) == (1, 4, False)

@@ -141,19 +141,21 @@ def _paged_case(dtype, B, nh, nkv, hd, bs, max_ctx, seed):
     (1, 64, 8, 128, 16, 5000), (2, 8, 2, 64, 1, 2500)])  # block size 1: a split of > 1024 blocks
 @pytest.mark.parametrize("splits", [None, 1, 3, 16])
 @pytest.mark.parametrize("window", [None, 37])
-def test_paged_decode_attention(dtype, B, nh, nkv, hd, bs, max_ctx, splits, window):
+@pytest.mark.parametrize("stages", [0, 2, 3, 4])   # K/V in registers; the staged kernel's stage counts
+def test_paged_decode_attention(dtype, B, nh, nkv, hd, bs, max_ctx, splits, window, stages):
     q, kc, vc, bt, ctx = _paged_case(dtype, B, nh, nkv, hd, bs, max_ctx, seed=B * 1000 + max_ctx)
     scale = hd ** -0.5
     poison()
-    out = paged_decode_attention(q, kc, vc, bt, ctx, scale, window, num_splits=splits)
+    out = paged_decode_attention(q, kc, vc, bt, ctx, scale, window, num_splits=splits, stages=stages)
     want = ref.paged_decode_attention(q.double(), kc.double(), vc.double(), bt, ctx, scale, window)
     assert rel_err(out, want) < TOL[dtype] * (3 if dtype == torch.float32 else 1)
 
 
-def test_paged_decode_attention_is_deterministic():
+@pytest.mark.parametrize("stages", [0, 3])
+def test_paged_decode_attention_is_deterministic(stages):
     q, kc, vc, bt, ctx = _paged_case(torch.bfloat16, 6, 32, 8, 128, 16, 3000, seed=7)
-    a = paged_decode_attention(q, kc, vc, bt, ctx, 0.1, num_splits=8)
-    b = paged_decode_attention(q, kc, vc, bt, ctx, 0.1, num_splits=8)
+    a = paged_decode_attention(q, kc, vc, bt, ctx, 0.1, num_splits=8, stages=stages)
+    b = paged_decode_attention(q, kc, vc, bt, ctx, 0.1, num_splits=8, stages=stages)
     assert torch.equal(a, b)
 
 

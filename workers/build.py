@@ -86,6 +86,8 @@ def kernel_specs(model_config: dict, tp: int, dtype: str) -> list[Any]:
     """The kernel variants a shard of this model runs (module specs of workers.kernels._nvrtc)."""
     from workers.convert import TORCH_DTYPES
     from workers.kernels.gemv import VARIANTS as GEMV_VARIANTS
+    from workers.kernels.paged_attention import STAGE_CHOICES
+    from workers.kernels.paged_attention import module_spec as attn_spec
     from workers.kernels.skinny_gemm import module_specs as skinny_specs
     from workers.kernels._nvrtc import spec
     from workers.layout import local_heads
@@ -97,7 +99,8 @@ def kernel_specs(model_config: dict, tp: int, dtype: str) -> list[Any]:
     specs = [spec("rms_norm", dt), spec("silu_mul", dt), spec("rope_cache", dt),
              *(spec("gemv", dt, ROWS=r, UNROLL=u) for r, u in GEMV_VARIANTS), *skinny_specs(dt)]
     if cfg.head_dim % 8 == 0:
-        specs.append(spec("paged_attention", dt, HD=cfg.head_dim, GROUP=len(q) // len(kv)))
+        specs += sorted({attn_spec(dt, cfg.head_dim, len(q) // len(kv), st) for st in STAGE_CHOICES},
+                        key=lambda s: s.defines)
     return specs
 
 

@@ -106,8 +106,8 @@ def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> dict[
 
 
 def tune_attention(nh: int, nkv: int, hd: int, dtype: torch.dtype, batches: tuple[int, ...],
-                   contexts: tuple[int, ...], block_size: int = 16) -> dict[int, int]:
-    """batch -> number of splits of the decode attention with the least summed slowdown over `contexts`
+                   contexts: tuple[int, ...], block_size: int = 16) -> dict[int, tuple[int, int]]:
+    """batch -> (splits, stages) of the decode attention with the least summed slowdown over `contexts`
     (each context's time relative to its fastest choice): one graph serves every context length."""
     bmax = max(batches)
     blocks_per_seq = -(-max(contexts) // block_size)
@@ -122,14 +122,15 @@ def tune_attention(nh: int, nkv: int, hd: int, dtype: torch.dtype, batches: tupl
         n_sets = max(1, min(8, bmax // b))     # different sequences per call: the KV read misses L2
         bts = [perm[j * b * blocks_per_seq:(j + 1) * b * blocks_per_seq].view(b, blocks_per_seq)
                for j in range(n_sets)]
-        choices = [ns for ns in (1, 2, 4, 8, 16, 32, 64) if ns == 1 or b * nkv * ns <= 16 * sms]
+        choices = [(ns, st) for ns in (1, 2, 4, 8, 16, 32, 64) if ns == 1 or b * nkv * ns <= 16 * sms
+                   for st in _attn.STAGE_CHOICES]
         score = dict.fromkeys(choices, 0.0)
         for ctx in contexts:
             cl = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
-            t = {ns: time_ms(lambda i, ns=ns: _attn.paged_decode_attention(
-                q, kc, vc, bts[i], cl, hd ** -0.5, num_splits=ns), n_sets, reps=8) for ns in choices}
-            for ns in choices:
-                score[ns] += t[ns] / min(t.values())
+            t = {c: time_ms(lambda i, c=c: _attn.paged_decode_attention(
+                q, kc, vc, bts[i], cl, hd ** -0.5, num_splits=c[0], stages=c[1]), n_sets, reps=8) for c in choices}
+            for c in choices:
+                score[c] += t[c] / min(t.values())
             log.debug("attention batch %d context %d: %s", b, ctx, t)
         out[b] = min(score, key=score.get)
     del kc, vc
@@ -156,7 +157,9 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
     probe_q = torch.empty(1, len(q), cfg.head_dim, dtype=dtype, device="cuda")
     probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
     if _attn.supported(probe_q, probe_k):
-        t.attention_splits = tune_attention(len(q), len(kv), cfg.head_dim, dtype, TUNE_BATCHES,
-                                            tuple(min(c, cfg.max_position_embeddings) for c in TUNE_CONTEXTS))
+        per_batch = tune_attention(len(q), len(kv), cfg.head_dim, dtype, TUNE_BATCHES,
+                                   tuple(min(c, cfg.max_position_embeddings) for c in TUNE_CONTEXTS))
+        t.attention_splits = {b: c[0] for b, c in per_batch.items()}
+        t.attention_stages = {b: c[1] for b, c in per_batch.items()}
     torch.cuda.empty_cache()
     return t

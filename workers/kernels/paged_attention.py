@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -10,14 +11,19 @@ from workers.kernels._nvrtc import f32, function, i32, i64, launch, ptr, set_sha
 
 THREADS = 128
 SMEM_LIMIT = 48 * 1024
-KV_STAGES = 3   # as in the .cu
+STAGE_CHOICES = (0, 2, 3, 4)   # 0: paged_decode (K/V in registers); n: paged_decode_staged with n stages
 
 
-def shared_bytes(hd: int, group: int, elem: int) -> int:
-    """paged_decode's dynamic shared memory: its K/V tile stages, or the merge buffer if larger."""
+def module_spec(dtype: torch.dtype, hd: int, group: int, stages: int) -> Any:
+    """The compiled variant holding both kernels (the staged one with `stages` stages; 3 for stages 0)."""
+    return spec("paged_attention", dtype, HD=hd, GROUP=group, KV_STAGES=stages or 3)
+
+
+def shared_bytes(hd: int, group: int, elem: int, stages: int) -> int:
+    """Dynamic shared memory of a launch: the merge buffer, or the staged kernel's K/V stages if larger."""
     nsub = THREADS // (hd // 8)
     unroll = 2 if group >= 8 else 4
-    return max(KV_STAGES * 2 * nsub * unroll * hd * elem, nsub * group * hd * 4)
+    return max(stages * 2 * nsub * unroll * hd * elem, nsub * group * hd * 4)
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -33,9 +39,11 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, num_splits: int | None = None,
+                           stages: int | None = None) -> torch.Tensor:
     """q[B,nh,hd] (one query per sequence at position context_lens[b]-1) -> [B,nh,hd]; block_tables[B,maxb]
-    and context_lens[B] int32; keys in the last `sliding_window` positions only when given."""
+    and context_lens[B] int32; keys in the last `sliding_window` positions only when given. `num_splits`
+    and `stages` (one of STAGE_CHOICES) default to the tuning table's for this batch size."""
     B, nh, hd = q.shape
     nkv, block_size = k_cache.shape[2], k_cache.shape[1]
     if q.stride(2) != 1 or q.stride(1) != hd:
@@ -52,10 +60,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_ml = torch.empty(B, nh, ns, 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = None
-    s = spec("paged_attention", q.dtype, HD=hd, GROUP=nh // nkv)
+    st = t.stages_for(B) if stages is None else stages
+    s = module_spec(q.dtype, hd, nh // nkv, st)
     window = int(sliding_window or 0)
-    fn = function(s, "paged_decode")
-    smem = shared_bytes(hd, nh // nkv, q.element_size())
+    fn = function(s, "paged_decode_staged" if st else "paged_decode")
+    smem = shared_bytes(hd, nh // nkv, q.element_size(), st)
     set_shared_limit(fn, smem)
     launch(fn, (nkv, B, ns), (THREADS,),
            (ptr(q), i64(q.stride(0)), ptr(k_cache), ptr(v_cache), ptr(bt), i32(bt.shape[1]), ptr(cl), ptr(out),

@@ -12,6 +12,7 @@ class Tuning:
 
     attention_splits: dict[int, int] = field(default_factory=dict)   # batch size -> number of splits
     attention_min_split: int = 32                                     # fewest keys a split takes
+    attention_stages: dict[int, int] = field(default_factory=dict)    # batch size -> K/V stages (0: in registers)
     gemv_max_m: dict[str, int] = field(default_factory=dict)          # "NxK" -> largest M run by gemv
     default_gemv_max_m: int = 4
     gemv_rows: dict[str, int] = field(default_factory=dict)           # "NxK" -> output rows per warp
@@ -28,6 +29,13 @@ class Tuning:
             return self.attention_splits[b]
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
         return max(1, min(64, -(-2 * sms // max(1, batch * nkv))))
+
+    def stages_for(self, batch: int) -> int:
+        """Decode-attention kernel for `batch` sequences: 0 (K/V in registers) or its cp.async stages."""
+        if not self.attention_stages:
+            return 0
+        known = sorted(self.attention_stages)
+        return self.attention_stages[next((k for k in known if k >= batch), known[-1])]
 
     def gemv_limit(self, n: int, k: int) -> int:
         """Largest M for which an x[M,k] @ w[n,k]^T runs on gemv."""
@@ -54,6 +62,7 @@ class Tuning:
         """JSON-ready form (integer keys become strings)."""
         d = asdict(self)
         d["attention_splits"] = {str(k): v for k, v in self.attention_splits.items()}
+        d["attention_stages"] = {str(k): v for k, v in self.attention_stages.items()}
         d["skinny"] = {key: {str(m): list(c) for m, c in per.items()} for key, per in self.skinny.items()}
         return d
 
@@ -62,6 +71,7 @@ class Tuning:
         """Inverse of to_dict."""
         return cls(attention_splits={int(k): int(v) for k, v in d.get("attention_splits", {}).items()},
                    attention_min_split=int(d.get("attention_min_split", 32)),
+                   attention_stages={int(k): int(v) for k, v in d.get("attention_stages", {}).items()},
                    gemv_max_m={str(k): int(v) for k, v in d.get("gemv_max_m", {}).items()},
                    default_gemv_max_m=int(d.get("default_gemv_max_m", 4)),
                    gemv_rows={str(k): int(v) for k, v in d.get("gemv_rows", {}).items()},
