@@ -46,7 +46,7 @@ def rnd(*shape, dtype=torch.float32, scale=1.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,H", [(1, 4096), (7, 64), (33, 1000), (3, 13), (2, 8192)])
+@pytest.mark.parametrize("T,H", [(1, 4096), (7, 64), (33, 1000), (3, 13), (2, 8192), (2, 20000)])
 @pytest.mark.parametrize("with_res", [False, True])
 def test_rms_norm(dtype, T, H, with_res):
     x, w = rnd(T, H, dtype=dtype), rnd(H, dtype=dtype, scale=0.5) + 1

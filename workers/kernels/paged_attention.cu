@@ -29,6 +29,7 @@
 #endif
 #define TK (NSUB * UNROLL)                            // keys per tile of the staged kernel
 #define ROW_UNITS (HD * (int)sizeof(scalar_t) / 16)   // 16-byte units per key row of one head
+// (TK x ROW_UNITS = 64 x UNROLL x sizeof(scalar_t): a multiple of NTHREADS, so each thread copies whole units)
 
 __device__ __forceinline__ int split_length(int n, int ns, int min_split) {
   return max((n + ns - 1) / ns, min_split);
@@ -184,6 +185,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(PAGED_DECODE
   const int* bt = block_tables + (long long)s.b * maxb;
   const long long tok_stride = (long long)nkv * HD;
   const long long head_off = (long long)s.kvh * HD + s.lane * 8;
+  const int bs_shift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
   for (int base = s.start; base < s.end; base += NSUB * UNROLL) {
     // all UNROLL keys' slots first (independent block-table reads), then all their K/V loads in flight
     long long slot[UNROLL];
@@ -192,7 +194,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode(PAGED_DECODE
     for (int u = 0; u < UNROLL; ++u) {
       const int t = base + u * NSUB + s.sub;
       ok[u] = t < s.end;
-      slot[u] = ok[u] ? (long long)bt[t / block_size] * block_size + t % block_size : 0;
+      slot[u] = !ok[u] ? 0 : bs_shift >= 0 ? ((long long)bt[t >> bs_shift] << bs_shift) + (t & (block_size - 1))
+                                           : (long long)bt[t / block_size] * block_size + t % block_size;
     }
     raw8 kr[UNROLL], vr[UNROLL];
 #pragma unroll
@@ -217,19 +220,24 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode_staged(PAGED
   const int* bt = block_tables + (long long)s.b * maxb;
   const long long tok_stride = (long long)nkv * HD;
 
-  // tile `it` into stage it % KV_STAGES: K rows then V rows, 16 bytes per copy, keys past `end` skipped
+  // tile `it` into stage it % KV_STAGES, 16 bytes per copy: this thread copies units c of keys j (the same
+  // ones every tile), each key's K and V row after one block-table lookup; keys past `end` are skipped
+  const int bs_shift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
   auto load_tile = [&](int it) {
     const int t0 = s.start + it * TK;
     scalar_t* dst = kv_tiles + (it % KV_STAGES) * 2 * TK * HD;
-    for (int i = threadIdx.x; i < 2 * TK * ROW_UNITS; i += NTHREADS) {
-      const int kv = i / (TK * ROW_UNITS), rem = i - kv * (TK * ROW_UNITS);
-      const int j = rem / ROW_UNITS, c = rem - j * ROW_UNITS, t = t0 + j;
+#pragma unroll
+    for (int r = 0; r < TK * ROW_UNITS / NTHREADS; ++r) {
+      const int i = threadIdx.x + r * NTHREADS, j = i / ROW_UNITS, c = i % ROW_UNITS, t = t0 + j;
       if (t < s.end) {
-        const long long slot = (long long)bt[t / block_size] * block_size + t % block_size;
-        const scalar_t* src = (kv ? v_cache : k_cache) + slot * tok_stride + (long long)s.kvh * HD;
+        const long long slot = bs_shift >= 0 ? ((long long)bt[t >> bs_shift] << bs_shift) + (t & (block_size - 1))
+                                             : (long long)bt[t / block_size] * block_size + t % block_size;
+        const long long off = (slot * tok_stride + (long long)s.kvh * HD) * (long long)sizeof(scalar_t) + c * 16;
+        const unsigned d = smem_addr(dst + j * HD) + c * 16;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(d), "l"((const unsigned char*)k_cache + off)
+                     : "memory");
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                     :: "r"(smem_addr((unsigned char*)(dst + (kv * TK + j) * HD) + c * 16)),
-                        "l"((const unsigned char*)src + c * 16) : "memory");
+                     :: "r"(d + TK * HD * (unsigned)sizeof(scalar_t)), "l"((const unsigned char*)v_cache + off) : "memory");
       }
     }
   };
