@@ -30,7 +30,7 @@ def _on_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.shape[0] <= tuning.CURRENT.gemv_limit(w.shape[0], w.shape[1]) and _gemv.supported(x, w)
 
 
-def _skinny_choice(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int] | None:
+def _skinny_choice(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int] | None:
     """skinny_gemm's launch for x @ w.T where the tuning table has it beating cuBLAS at this many rows."""
     c = tuning.CURRENT.skinny_choice(w.shape[0], w.shape[1], x.shape[0])
     return c if c is not None and _skinny.supported(x, w) else None

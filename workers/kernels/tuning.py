@@ -49,8 +49,7 @@ class Tuning:
 
     def skinny_choice(self, n: int, k: int, m: int) -> tuple[int, int, int, int] | None:
         """skinny_gemm's launch (weight rows per block, K splits, K columns per stage, stages) for an [n,k]
-        weight at m rows, or None
-        where cuBLAS was faster (or the shape was not tuned)."""
+        weight at m rows, or None where cuBLAS was faster (or the shape was not tuned)."""
         from workers.kernels.skinny_gemm import MAX_M, row_bucket
 
         if m > MAX_M:
