@@ -152,3 +152,20 @@ __device__ __forceinline__ void pdl_start() {
   pdl_trigger();
   pdl_wait();
 }
+
+// Shared memory and asynchronous copies into it (cp.async, sm_80+).
+__device__ __forceinline__ unsigned smem_u32(const void* p) {   // the shared-window address of p
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src) {   // 16 bytes, L1 bypassed
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
+}
+// The same, reading only src_bytes (0..16) of src and zero-filling the rest.
+__device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }

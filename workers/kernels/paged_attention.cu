@@ -35,12 +35,6 @@ __device__ __forceinline__ int split_length(int n, int ns, int min_split) {
   return max((n + ns - 1) / ns, min_split);
 }
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
 // What both kernels share: the block's keys, q (pre-scaled) and the running softmax state.
 struct Split {
   int kvh, b, split, ns, sub, lane, start, end;
@@ -233,26 +227,24 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode_staged(PAGED
         const long long slot = bs_shift >= 0 ? ((long long)bt[t >> bs_shift] << bs_shift) + (t & (block_size - 1))
                                              : (long long)bt[t / block_size] * block_size + t % block_size;
         const long long off = (slot * tok_stride + (long long)s.kvh * HD) * (long long)sizeof(scalar_t) + c * 16;
-        const unsigned d = smem_addr(dst + j * HD) + c * 16;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(d), "l"((const unsigned char*)k_cache + off)
-                     : "memory");
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                     :: "r"(d + TK * HD * (unsigned)sizeof(scalar_t)), "l"((const unsigned char*)v_cache + off) : "memory");
+        const unsigned d = smem_u32(dst + j * HD) + c * 16;
+        cp_async16(d, (const unsigned char*)k_cache + off);
+        cp_async16(d + TK * HD * (unsigned)sizeof(scalar_t), (const unsigned char*)v_cache + off);
       }
     }
   };
 #pragma unroll
   for (int k = 0; k < KV_STAGES - 1; ++k) {
     if (k < ntiles) load_tile(k);
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    cp_commit();
   }
   State st;
   init_state(st, q, q_stride, s, scale_log2);
   for (int it = 0; it < ntiles; ++it) {
-    asm volatile("cp.async.wait_group %0;" :: "n"(KV_STAGES - 2) : "memory");
+    cp_wait<KV_STAGES - 2>();
     __syncthreads();   // tile it is in for every thread; the stage of tile it - 1 is free
     if (it + KV_STAGES - 1 < ntiles) load_tile(it + KV_STAGES - 1);
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    cp_commit();
     const scalar_t* kt = kv_tiles + (it % KV_STAGES) * 2 * TK * HD + s.lane * 8;
     const scalar_t* vt = kt + TK * HD;
     const int base = s.start + it * TK;
@@ -262,7 +254,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode_staged(PAGED
     attend(st, ok, [&](int u, float* f) { load8_rw(kt + (u * NSUB + s.sub) * HD, f); },
            [&](int u, float* f) { load8_rw(vt + (u * NSUB + s.sub) * HD, f); });
   }
-  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  cp_wait<0>();
   __syncthreads();     // every thread is past its last tile: the stages become the merge buffer
   merge_store(st, s, (float*)attn_smem, out, part_acc, part_ml, nkv);
 }

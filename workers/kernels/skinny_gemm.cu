@@ -26,20 +26,8 @@
 #define NWARPS (BN / 16)
 #define NT (MP / 8)   // n8 tiles (rows of x) per warp
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
 // element offset of 16-byte chunk c of row r in a [rows][BK] tile, chunks XOR-swizzled by row (low 3 bits)
 __device__ __forceinline__ int swz(int r, int c) { return r * BK + ((c ^ (r & 7)) << 3); }
-
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 
 __device__ __forceinline__ void ldsm_x4(unsigned* r, unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
@@ -77,7 +65,7 @@ skinny_gemm(const scalar_t* __restrict__ x, long long x_stride, const scalar_t* 
     for (int i = tid; i < BN * CPR; i += NWARPS * 32) {
       const int r = i / CPR, c = i % CPR, n = n0 + r, k = k0 + c * 8;
       const bool ok = n < N && k < ke;
-      cp_async16(sw + (st * BN * BK + swz(r, c)) * sizeof(scalar_t), ok ? W + (long long)n * K + k : W, ok ? 16 : 0);
+      cp_async16_zfill(sw + (st * BN * BK + swz(r, c)) * sizeof(scalar_t), ok ? W + (long long)n * K + k : W, ok ? 16 : 0);
     }
   };
   auto load_x = [&](int kt) {
@@ -85,7 +73,7 @@ skinny_gemm(const scalar_t* __restrict__ x, long long x_stride, const scalar_t* 
     for (int i = tid; i < MP * CPR; i += NWARPS * 32) {
       const int r = i / CPR, c = i % CPR, k = k0 + c * 8;
       const bool ok = r < M && k < ke;
-      cp_async16(sx + (st * MP * BK + swz(r, c)) * sizeof(scalar_t), ok ? x + r * x_stride + k : x, ok ? 16 : 0);
+      cp_async16_zfill(sx + (st * MP * BK + swz(r, c)) * sizeof(scalar_t), ok ? x + r * x_stride + k : x, ok ? 16 : 0);
     }
   };
 
