@@ -2,7 +2,8 @@
 # One device call for an engine-speed iteration: quick kernel checks, the 8B decode benchmark (with and
 # without programmatic dependent launch), GEMM choices at decode batch sizes. Results under $OUT.
 #   scripts/gpu_perf_round.sh NAME          (e.g. decode_8b_h100_v4)
-# Env: KERNELS (bench_kernels.py sections to run first, e.g. gemv), SECTIONS (bench_decode sections), BENCH_EXTRA (more bench_decode args), SKIP_NOPDL=1, FULL_TESTS=1 also runs every GPU test; SKIP_GEMM=1 skips bench_gemm.py; SERVE=1 also runs the
+# Env: TESTS_K (pytest -k of the quick kernel checks), KERNELS (bench_kernels.py sections to run first, e.g.
+#      gemv), SECTIONS (bench_decode sections), BENCH_EXTRA (more bench_decode args), SKIP_NOPDL=1, FULL_TESTS=1 also runs every GPU test; SKIP_GEMM=1 skips bench_gemm.py; SERVE=1 also runs the
 #      served-vs-engine bench (bench_serving.py run, `orch serve` on the decode benchmark's shard) at
 #      128/128 c64,256 with a py-spy profile of the server's threads (benchmarks/pyspy_summary.py).
 set -uo pipefail

@@ -143,9 +143,7 @@ class EngineLoop:
         elif op == "abort":
             if self.scheduler.abort(arg) is not None:
                 if extra:   # completed: it ended on a stop string
-                    m = self.metrics
-                    m.e2e.observe(time.monotonic() - self._arrival(arg))
-                    m.requests.labels("completed").inc()
+                    self._count_completed(arg, time.monotonic())
                 else:
                     self.metrics.requests.labels("cancelled").inc()
                     log.debug("sequence %d cancelled", arg)
@@ -231,8 +229,7 @@ class EngineLoop:
                 m.itl.observe(now - prev)
             self._last_token[o.seq_id] = now
             if o.finished:
-                m.e2e.observe(now - self._arrival(o.seq_id))
-                m.requests.labels("completed").inc()
+                self._count_completed(o.seq_id, now)
                 self._forget(o.seq_id)
             if sink is not None:
                 sink(o)
@@ -251,6 +248,11 @@ class EngineLoop:
         m.prefix_hits.inc(bm.hit_tokens - self._seen_hits)
         self._seen_queried, self._seen_hits = bm.queried_tokens, bm.hit_tokens
         m.prefix_hit_rate.set(bm.hit_rate())
+
+    def _count_completed(self, seq_id: int, now: float) -> None:
+        """Metrics of a request that ended normally (the engine stopped it, or a stop string did)."""
+        self.metrics.e2e.observe(now - self._arrival(seq_id))
+        self.metrics.requests.labels("completed").inc()
 
     def _arrival(self, seq_id: int) -> float:
         return self._arrivals.get(seq_id, time.monotonic())

@@ -261,20 +261,6 @@ def set_shared_limit(fn: Any, shared_mem: int) -> None:
             raise RuntimeError(f"cuFuncSetAttribute({shared_mem} B of shared memory) failed: {_error_name(rc)}")
 
 
-@functools.lru_cache(maxsize=None)
-def blocks_per_sm(fn: Any, threads: int, shared_mem: int) -> int:
-    """Blocks of `fn` resident at once on one SM with `threads` threads and `shared_mem` bytes of dynamic
-    shared memory each (raising the kernel's dynamic shared-memory limit to that size first)."""
-    drv = _driver()
-    set_shared_limit(fn, shared_mem)
-    n = ctypes.c_int()
-    rc = drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), ctypes.c_void_p(fn.ptr), ctypes.c_int(threads),
-                                                         ctypes.c_size_t(shared_mem))
-    if rc != 0:
-        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed: {_error_name(rc)}")
-    return max(1, n.value)
-
-
 def ptr(t: torch.Tensor | None) -> np.uint64:
     """A tensor's device address as a kernel argument (0 for None)."""
     return np.uint64(0 if t is None else t.data_ptr())
