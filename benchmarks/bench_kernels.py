@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.kernels import gemv, paged_attention, rms_norm, rope_cache, silu_mul, skinny_gemm  # noqa: E402
+from workers.kernels import cublaslt, gemv, paged_attention, rms_norm, rope_cache, silu_mul, skinny_gemm  # noqa: E402
 from workers.kernels.autotune import time_ms  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -66,6 +66,31 @@ def bench_skinny(out: dict) -> None:
         del ws
 
 
+def bench_lt(out: dict) -> None:
+    """cuBLASLt's heuristic algorithms at decode batch rows: the fastest against the first (what torch runs)."""
+    dt = torch.bfloat16
+    for name, (n, k) in SHAPES.items():
+        copies = max(2, (512 << 20) // (n * k * 2))
+        ws = [torch.randn(n, k, device="cuda", dtype=dt) * k ** -0.5 for _ in range(copies)]
+        gb = n * k * 2 / 1e9
+        for m in (16, 32, 64, 128, 256):
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            algos = cublaslt.algorithms(x, ws[0])
+            per = [time_ms(lambda i, a=a: cublaslt.matmul(x, ws[i], a), copies, reps=30) for a in algos]
+            cub = time_ms(lambda i: F.linear(x, ws[i]), copies, reps=30)
+            best = min(range(len(per)), key=per.__getitem__)
+            ref = F.linear(x, ws[0]).float()
+            err = ((cublaslt.matmul(x, ws[0], algos[best]).float() - ref).norm() / ref.norm()).item()
+            out[f"lt_{name}_m{m}_algos"] = len(algos)
+            out[f"lt_{name}_m{m}_first_gb_s"] = round(gb / (per[0] / 1e3), 1)
+            out[f"lt_{name}_m{m}_best_gb_s"] = round(gb / (per[best] / 1e3), 1)
+            out[f"lt_{name}_m{m}_best_index"] = best
+            out[f"lt_{name}_m{m}_best_rel_err"] = float(f"{err:.2e}")
+            out[f"cublas_{name}_m{m}_gb_s"] = round(gb / (cub / 1e3), 1)
+            out[f"lt_{name}_m{m}_all_gb_s"] = [round(gb / (t / 1e3), 1) for t in per]
+        del ws
+
+
 def bench_attention(out: dict) -> None:
     dt, nh, nkv, hd, bs = torch.bfloat16, 32, 8, 128, 16
     for b, ctx in ((1, 128), (1, 2048), (1, 8192), (64, 256), (64, 2048), (256, 256), (256, 1024)):
@@ -104,10 +129,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--sections", default="small,attention,gemv,skinny",
-                   help="comma-separated: small, attention, gemv, skinny")
+                   help="comma-separated: small, attention, gemv, skinny, lt")
     args = p.parse_args()
     out: dict = {}
-    sections = {"small": bench_small, "attention": bench_attention, "gemv": bench_gemv, "skinny": bench_skinny}
+    sections = {"small": bench_small, "attention": bench_attention, "gemv": bench_gemv, "skinny": bench_skinny,
+                "lt": bench_lt}
     for fn in (sections[s] for s in args.sections.split(",")):
         t0 = time.perf_counter()
         fn(out)

@@ -66,7 +66,8 @@ def test_engine_manifest_reading(tmp_path):
 def test_tuning_table_round_trip_and_lookup():
     t = Tuning(attention_splits={1: 32, 8: 4, 64: 1}, attention_stages={1: 0, 8: 3, 64: 2}, gemv_max_m={"4096x4096": 3}, default_gemv_max_m=2,
                gemv_rows={"4096x4096": 4, "6144x4096": 1}, gemv_unroll={"6144x4096": 4},
-               gemv_gpu_grid={"6144x4096": False}, skinny={"4096x4096": {16: [64, 4, 64, 4], 64: [128, 2, 128, 3]}})
+               gemv_gpu_grid={"6144x4096": False}, skinny={"4096x4096": {16: [64, 4, 64, 4], 64: [128, 2, 128, 3]}},
+               lt={"4096x14336": {64: [7, 1, 2, 3, 4, 5, 6, 2 ** 63 + 9], 256: list(range(8))}})
     back = Tuning.from_dict(json.loads(json.dumps(t.to_dict())))
     assert back == t
     assert [t.splits_for(b, 8) for b in (1, 2, 8, 9, 64, 300)] == [32, 4, 4, 1, 1, 1]
@@ -77,6 +78,9 @@ def test_tuning_table_round_trip_and_lookup():
     assert t.gemv_choice(6144, 4096) == (1, 4, False)
     assert [t.skinny_choice(4096, 4096, m) for m in (2, 16, 17, 33, 64, 65, 129)] == \
         [(64, 4, 64, 4), (64, 4, 64, 4), None, (128, 2, 128, 3), (128, 2, 128, 3), None, None]            # row buckets 16 / 32 / 64 / 128
+    assert [t.lt_algo(4096, 14336, m) is not None for m in (1, 32, 33, 64, 65, 129, 256, 257)] == \
+        [False, False, True, True, False, True, True, False]   # row buckets 16 / 32 / 64 / 128 / 256
+    assert t.lt_algo(4096, 14336, 200) == list(range(8)) and t.lt_algo(4096, 4096, 64) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

@@ -307,6 +307,59 @@ def test_backend_linear_takes_skinny_gemm_where_tuned():
         tuning.set_current(old)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(64, 4096, 14336), (9, 136, 1032), (200, 1000, 4096), (16, 8, 24)])
+def test_cublaslt_algorithms_compute_the_product(dtype, M, N, K):
+    """Every algorithm cuBLASLt's heuristic offers gives x @ w.T (row stride other than K), and one found at
+    one row count is checked before it runs another."""
+    from workers.kernels import cublaslt
+
+    x = rnd(M, K + 8, dtype=dtype)[:, :K]
+    w = rnd(N, K, dtype=dtype, scale=K ** -0.5)
+    assert cublaslt.supported(x, w)
+    algos = cublaslt.algorithms(x, w)
+    assert algos and all(len(a) == 8 for a in algos)
+    poison()
+    want = ref.gemv(x.double(), w.double(), None)
+    for a in algos:
+        assert cublaslt.usable(x, w, a)
+        assert rel_err(cublaslt.matmul(x, w, a), want) < TOL[dtype]
+    x2 = rnd(max(1, M // 2), K, dtype=dtype)
+    for a in algos:
+        if cublaslt.usable(x2, w, a):
+            assert rel_err(cublaslt.matmul(x2, w, a), ref.gemv(x2.double(), w.double(), None)) < TOL[dtype]
+
+
+def test_cublaslt_replays_in_a_cuda_graph_and_backend_takes_tuned_algorithm():
+    """A cuBLASLt call captured in a CUDA graph replays on new inputs; the GPU backend's linear runs the
+    tuned algorithm for its row bucket (with the bias added) and torch's matmul past the buckets."""
+    from workers.backends import cuda
+    from workers.kernels import cublaslt, tuning
+
+    w = rnd(1536, 4096, dtype=torch.bfloat16, scale=4096 ** -0.5)
+    b = rnd(1536, dtype=torch.bfloat16)
+    x = rnd(48, 4096, dtype=torch.bfloat16)
+    algo = cublaslt.algorithms(x, w)[-1]
+    g = torch.cuda.CUDAGraph()
+    cublaslt.matmul(x, w, algo)
+    with torch.cuda.graph(g):
+        y = cublaslt.matmul(x, w, algo)
+    for _ in range(2):
+        x.copy_(rnd(48, 4096, dtype=torch.bfloat16))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(y, ref.gemv(x.double(), w.double(), None)) < 1e-2
+    old = tuning.CURRENT
+    tuning.set_current(tuning.Tuning(gemv_max_m={"1536x4096": 1}, lt={"1536x4096": {64: algo}}))
+    try:
+        assert torch.equal(cuda.linear(x, w), cublaslt.matmul(x, w, algo))
+        assert torch.equal(cuda.linear(x, w, b), cublaslt.matmul(x, w, algo) + b)
+        x300 = rnd(300, 4096, dtype=torch.bfloat16)
+        assert torch.equal(cuda.linear(x300, w), torch.nn.functional.linear(x300, w))
+    finally:
+        tuning.set_current(old)
+
+
 def test_gemv_rejects_what_it_cannot_run():
     assert not gemv_supported(rnd(9, 64, dtype=torch.bfloat16), rnd(8, 64, dtype=torch.bfloat16))
     assert not gemv_supported(rnd(1, 12, dtype=torch.bfloat16), rnd(8, 12, dtype=torch.bfloat16))

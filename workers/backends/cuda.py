@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from workers.backends import cpu as _ref
+from workers.kernels import cublaslt as _lt
 from workers.kernels import gemv as _gemv
 from workers.kernels import paged_attention as _attn
 from workers.kernels import skinny_gemm as _skinny
@@ -36,15 +37,30 @@ def _skinny_choice(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int
     return c if c is not None and _skinny.supported(x, w) else None
 
 
+def _lt_algo(x: torch.Tensor, w: torch.Tensor) -> list[int] | None:
+    """The cuBLASLt algorithm the build found faster than torch's matmul for this shape's row bucket, if it
+    runs this exact shape."""
+    a = tuning.CURRENT.lt_algo(w.shape[0], w.shape[1], x.shape[0])
+    return a if a is not None and _lt.supported(x, w) and _lt.usable(x, w, a) else None
+
+
 def _matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias) past gemv's rows: skinny_gemm where tuned faster, else cuBLAS."""
+    """x @ w.T (+ bias) past gemv's rows: skinny_gemm where tuned faster, else cuBLAS (with the cuBLASLt
+    algorithm the build chose where it beat torch's)."""
     c = _skinny_choice(x, w)
-    return _skinny.skinny_gemm(x, w, bias, c) if c else F.linear(x, w, bias)
+    if c:
+        return _skinny.skinny_gemm(x, w, bias, c)
+    a = _lt_algo(x, w)
+    if a is None:
+        return F.linear(x, w, bias)
+    y = _lt.matmul(x, w, a)
+    return y if bias is None else y.add_(bias)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias): our gemv for the few-row shapes where it beats cuBLAS, our tensor-core skinny
-    GEMM for decode batches where it does (both per the tuning table), cuBLAS otherwise."""
+    GEMM for decode batches where it does (both per the tuning table), cuBLAS otherwise (cuBLASLt with a
+    tuned algorithm at decode row counts)."""
     return _gemv.gemv(x, w, bias) if _on_gemv(x, w) else _matmul(x, w, bias)
 
 

@@ -7,10 +7,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from workers.kernels import cublaslt as _lt
 from workers.kernels import gemv as _gemv
 from workers.kernels import paged_attention as _attn
 from workers.kernels import skinny_gemm as _skinny
-from workers.kernels.tuning import Tuning
+from workers.kernels.tuning import LT_BUCKETS, Tuning
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +82,58 @@ def tune_gemv(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, max_m: int
     return out
 
 
-def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> dict[str, dict[int, list[int]]]:
-    """Per "NxK": row bucket -> skinny_gemm's fastest choice where it beats cuBLAS at that many rows
-    (buckets where cuBLAS wins are left out)."""
-    out: dict[str, dict[int, list[int]]] = {}
+def _weight_sets(shapes: dict[str, tuple[int, int]], dtype: torch.dtype):
+    """(name, "NxK", K, random weight copies rotated past L2) per shape; nothing for 32-bit types (the
+    decode GEMM tunings are for 16-bit weights)."""
     if dtype not in (torch.float16, torch.bfloat16):
-        return out
+        return
     for name, (n, k) in shapes.items():
-        key = f"{n}x{k}"
         copies = max(2, min(8, L2_ROTATE_BYTES // (n * k * 2)))
         ws = [torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5 for _ in range(copies)]
+        yield name, f"{n}x{k}", k, ws
+        del ws
+
+
+def tune_lt(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
+            margin: float = 0.02) -> dict[str, dict[int, list[int]]]:
+    """Per "NxK": row bucket -> the cuBLASLt algorithm (of those its heuristic offers) that beats torch's
+    matmul by more than `margin` at that many rows (other buckets are left out)."""
+    out: dict[str, dict[int, list[int]]] = {}
+    for name, key, k, ws in _weight_sets(shapes, dtype):
+        copies = len(ws)
+        for m in LT_BUCKETS:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            if not _lt.supported(x, ws[0]):
+                continue
+            algos = _lt.algorithms(x, ws[0])
+            if not algos:
+                continue
+            per = [time_ms(lambda i, a=a: _lt.matmul(x, ws[i], a), copies) for a in algos]
+            theirs = time_ms(lambda i: F.linear(x, ws[i]), copies)
+            best = min(range(len(per)), key=per.__getitem__)
+            log.info("cuBLASLt %s M=%d: torch %.4f ms, algorithms %s", name, m, theirs, [round(t, 4) for t in per])
+            if per[best] < theirs * (1 - margin):
+                out.setdefault(key, {})[m] = algos[best]
+        del ws   # (with the generator's own reference) before the next shape's copies are made
+    return out
+
+
+def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
+                lt: dict[str, dict[int, list[int]]] | None = None) -> dict[str, dict[int, list[int]]]:
+    """Per "NxK": row bucket -> skinny_gemm's fastest choice where it beats cuBLAS at that many rows (with
+    the tuned cuBLASLt algorithm of `lt` where there is one; buckets where cuBLAS wins are left out)."""
+    out: dict[str, dict[int, list[int]]] = {}
+    for name, key, k, ws in _weight_sets(shapes, dtype):
+        copies = len(ws)
         for m in _skinny.ROW_BUCKETS:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             per = {c: time_ms(lambda i, c=c: _skinny.skinny_gemm(x, ws[i], choice=c), copies)
                    for c in _skinny.CHOICES if _skinny.fits(c, m, dtype)}
-            theirs = time_ms(lambda i: F.linear(x, ws[i]), copies)
+            algo = (lt or {}).get(key, {}).get(next(b for b in LT_BUCKETS if b >= m))
+            if algo is not None and _lt.usable(x, ws[0], algo):
+                theirs = time_ms(lambda i: _lt.matmul(x, ws[i], algo), copies)
+            else:
+                theirs = time_ms(lambda i: F.linear(x, ws[i]), copies)
             best = min(per, key=per.get)
             log.info("skinny %s M=%d: cuBLAS %.4f ms, ours %s", name, m, theirs,
                      {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
@@ -153,7 +191,8 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
         t.gemv_max_m[key] = r["max_m"]
         if r["choice"] is not None:
             t.gemv_rows[key], t.gemv_unroll[key], t.gemv_gpu_grid[key] = r["choice"]
-    t.skinny = tune_skinny(shapes, dtype)
+    t.lt = tune_lt(shapes, dtype)
+    t.skinny = tune_skinny(shapes, dtype, t.lt)
     probe_q = torch.empty(1, len(q), cfg.head_dim, dtype=dtype, device="cuda")
     probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
     if _attn.supported(probe_q, probe_k):

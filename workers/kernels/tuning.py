@@ -20,6 +20,7 @@ class Tuning:
     gemv_unroll: dict[str, int] = field(default_factory=dict)         # "NxK" -> loads in flight per lane/row
     gemv_gpu_grid: dict[str, bool] = field(default_factory=dict)      # "NxK" -> grid sized to the GPU
     skinny: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # "NxK" -> row bucket -> choice
+    lt: dict[str, dict[int, list[int]]] = field(default_factory=dict)      # "NxK" -> row bucket -> cuBLASLt algo
 
     def splits_for(self, batch: int, nkv: int) -> int:
         """Splits of the decode attention for `batch` sequences (tuned, else enough blocks for 2 waves)."""
@@ -57,12 +58,19 @@ class Tuning:
         c = self.skinny.get(f"{n}x{k}", {}).get(row_bucket(m))
         return tuple(c) if c else None
 
+    def lt_algo(self, n: int, k: int, m: int) -> list[int] | None:
+        """The cuBLASLt algorithm (8 integers) for an [n,k] weight at m rows where one beat torch's matmul in
+        the build, else None."""
+        bucket = next((b for b in LT_BUCKETS if b >= m), None)
+        return None if bucket is None else self.lt.get(f"{n}x{k}", {}).get(bucket)
+
     def to_dict(self) -> dict:
         """JSON-ready form (integer keys become strings)."""
         d = asdict(self)
         d["attention_splits"] = {str(k): v for k, v in self.attention_splits.items()}
         d["attention_stages"] = {str(k): v for k, v in self.attention_stages.items()}
         d["skinny"] = {key: {str(m): list(c) for m, c in per.items()} for key, per in self.skinny.items()}
+        d["lt"] = {key: {str(m): list(a) for m, a in per.items()} for key, per in self.lt.items()}
         return d
 
     @classmethod
@@ -78,9 +86,12 @@ class Tuning:
                    gemv_unroll={str(k): int(v) for k, v in d.get("gemv_unroll", {}).items()},
                    gemv_gpu_grid={str(k): bool(v) for k, v in d.get("gemv_gpu_grid", {}).items()},
                    skinny={str(key): {int(m): [int(v) for v in c] for m, c in per.items()}
-                           for key, per in d.get("skinny", {}).items()})
+                           for key, per in d.get("skinny", {}).items()},
+                   lt={str(key): {int(m): [int(v) for v in a] for m, a in per.items()}
+                       for key, per in d.get("lt", {}).items()})
 
 
+LT_BUCKETS = (16, 32, 64, 128, 256)   # row counts cuBLASLt algorithms are chosen at (M runs on the next one up)
 CURRENT = Tuning()
 
 
