@@ -99,6 +99,11 @@ def tune_lt(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
     """Per "NxK": row bucket -> the cuBLASLt algorithm (of those its heuristic offers) that beats torch's
     matmul by more than `margin` at that many rows (other buckets are left out)."""
     out: dict[str, dict[int, list[int]]] = {}
+    try:
+        _lt.handle_for(torch.cuda.current_device())
+    except (OSError, RuntimeError, AttributeError) as e:   # no usable libcublasLt: torch's matmul everywhere
+        log.warning("cuBLASLt algorithms not tuned: %s", e)
+        return out
     for name, key, k, ws in _weight_sets(shapes, dtype):
         copies = len(ws)
         for m in LT_BUCKETS:

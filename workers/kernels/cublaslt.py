@@ -69,7 +69,8 @@ def _check(rc: int, what: str) -> None:
 
 
 @functools.cache
-def _handle(device: int) -> ctypes.c_void_p:
+def handle_for(device: int) -> ctypes.c_void_p:
+    """The cuBLASLt handle of a device (loads the library on first use; raises where it cannot)."""
     torch.cuda.init()
     with torch.cuda.device(device):
         h = ctypes.c_void_p()
@@ -123,7 +124,7 @@ def algorithms(x: torch.Tensor, w: torch.Tensor, count: int = MAX_ALGOS) -> list
            "MatmulPreferenceSetAttribute")
     results = (_Heuristic * count)()
     found = ctypes.c_int(0)
-    _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(x.device.index), op, a, b, c, c, pref, count, results,
+    _check(lib.cublasLtMatmulAlgoGetHeuristic(handle_for(x.device.index), op, a, b, c, c, pref, count, results,
                                               ctypes.byref(found)), "MatmulAlgoGetHeuristic")
     lib.cublasLtMatmulPreferenceDestroy(pref)
     return [list(results[i].algo.data) for i in range(found.value) if results[i].state == 0]
@@ -135,7 +136,7 @@ def _usable(algo: tuple[int, ...], shape: tuple) -> bool:
     op, a, b, c = _plan(*shape)
     res = _Heuristic()
     al = _Algo((ctypes.c_uint64 * 8)(*algo))
-    rc = _lib().cublasLtMatmulAlgoCheck(_handle(torch.cuda.current_device()), op, a, b, c, c, ctypes.byref(al),
+    rc = _lib().cublasLtMatmulAlgoCheck(handle_for(torch.cuda.current_device()), op, a, b, c, c, ctypes.byref(al),
                                          ctypes.byref(res))
     return rc == 0 and res.workspaceSize <= WORKSPACE_BYTES
 
@@ -153,7 +154,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, algo: list[int] | tuple[int, ...],
     alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
     al = _Algo((ctypes.c_uint64 * 8)(*algo))
     vp = ctypes.c_void_p
-    _check(_lib().cublasLtMatmul(_handle(dev), op, ctypes.cast(ctypes.byref(alpha), vp), vp(w.data_ptr()), a,
+    _check(_lib().cublasLtMatmul(handle_for(dev), op, ctypes.cast(ctypes.byref(alpha), vp), vp(w.data_ptr()), a,
                                  vp(x.data_ptr()), b, ctypes.cast(ctypes.byref(beta), vp), vp(y.data_ptr()), c,
                                  vp(y.data_ptr()), c, ctypes.byref(al), vp(_workspace(dev).data_ptr()),
                                  WORKSPACE_BYTES, vp(torch.cuda.current_stream(x.device).cuda_stream)),
