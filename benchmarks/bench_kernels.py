@@ -91,6 +91,76 @@ def bench_lt(out: dict) -> None:
         del ws
 
 
+def bench_chain(out: dict) -> None:
+    """The batch-1 decode step's kernels at the 8B shape, one CUDA graph per chain, kernel families added in
+    turn: gemvs alone (the floor left if every other kernel were fused away), + the two RMSNorms, + rope /
+    cache write and attention (context 128): what each family adds to the step, with and without PDL."""
+    import os
+
+    from workers.kernels import _nvrtc, autotune, tuning
+
+    dt, L, H, I, V = torch.bfloat16, 32, 4096, 14336, 128256
+    nh, nkv, hd, ctx = 32, 8, 128, 128
+
+    def w(n, k):
+        return torch.randn(n, k, device="cuda", dtype=dt) * k ** -0.5
+
+    layers = [{"qkv": w((nh + 2 * nkv) * hd, H), "o": w(H, nh * hd), "gu": w(2 * I, H), "down": w(H, I),
+               "n1": torch.rand(H, device="cuda", dtype=dt) + 0.5, "n2": torch.rand(H, device="cuda", dtype=dt) + 0.5}
+              for _ in range(L)]
+    lm, nf = w(V, H), torch.rand(H, device="cuda", dtype=dt) + 0.5
+    shapes = {"qkv": ((nh + 2 * nkv) * hd, H), "o": (H, nh * hd), "gate_up": (2 * I, H), "down": (H, I), "lm_head": (V, H)}
+    t = tuning.Tuning()
+    for key, r in autotune.tune_gemv(shapes, dt).items():
+        t.gemv_max_m[key] = r["max_m"]
+        if r["choice"] is not None:
+            t.gemv_rows[key], t.gemv_unroll[key], t.gemv_gpu_grid[key] = r["choice"]
+    per_batch = autotune.tune_attention(nh, nkv, hd, dt, (1,), (ctx,))
+    t.attention_splits, t.attention_stages = {1: per_batch[1][0]}, {1: per_batch[1][1]}
+    tuning.set_current(t)
+    out["chain_attention_choice"] = list(per_batch[1])
+    blocks = ctx // 16
+    kcs = [torch.randn(blocks, 16, nkv, hd, device="cuda", dtype=dt) for _ in range(L)]
+    vcs = [torch.randn(blocks, 16, nkv, hd, device="cuda", dtype=dt) for _ in range(L)]
+    bt = torch.arange(blocks, device="cuda", dtype=torch.int32).view(1, blocks)
+    cl = torch.full((1,), ctx, device="cuda", dtype=torch.int32)
+    pos = torch.full((1,), ctx - 1, device="cuda", dtype=torch.int64)
+    cos, sin = torch.rand(ctx, hd // 2, device="cuda"), torch.rand(ctx, hd // 2, device="cuda")
+    x0, r0 = torch.randn(1, H, device="cuda", dtype=dt), torch.randn(1, H, device="cuda", dtype=dt)
+
+    def step(norm: bool, attn: bool) -> None:
+        x, res = x0, r0
+        for i, ly in enumerate(layers):
+            h = rms_norm.rms_norm(x, ly["n1"], 1e-5, res) if norm else (x, res)
+            h, res = h
+            qkv = gemv.gemv(h, ly["qkv"])
+            if attn:
+                q, k, v = qkv.view(1, nh + 2 * nkv, hd).split([nh, nkv, nkv], dim=1)
+                rope_cache.rope_and_cache_write(q, k, v, pos, cos, sin, kcs[i], vcs[i], pos)
+                o_in = paged_attention.paged_decode_attention(q, kcs[i], vcs[i], bt, cl, hd ** -0.5).view(1, nh * hd)
+            else:
+                o_in = qkv[:, :nh * hd]
+            x = gemv.gemv(o_in, ly["o"])
+            h, res = rms_norm.rms_norm(x, ly["n2"], 1e-5, res) if norm else (x, res)
+            x = gemv.gemv(gemv.gemv(h, ly["gu"], glu=True), ly["down"])
+        if norm:
+            x, _ = rms_norm.rms_norm(x, nf, 1e-5, res)
+        gemv.gemv(x, lm)
+
+    gb = (sum(t.numel() for ly in layers for k, t in ly.items() if k not in ("n1", "n2")) + lm.numel()) * 2 / 1e9
+    out["chain_weight_gb"] = round(gb, 3)
+    for pdl in ("1", "0"):
+        os.environ["ORCH_PDL"] = pdl
+        _nvrtc._pdl_enabled.cache_clear()
+        for name, norm, attn in (("gemv", False, False), ("gemv_norm", True, False), ("full", True, True)):
+            ms = time_ms(lambda i: step(norm, attn), 1, reps=4)
+            tag = "" if pdl == "1" else "_nopdl"
+            out[f"chain_bs1_{name}{tag}_ms"] = round(ms, 4)
+            out[f"chain_bs1_{name}{tag}_weight_tb_s"] = round(gb / ms, 3)
+    del os.environ["ORCH_PDL"]
+    _nvrtc._pdl_enabled.cache_clear()
+
+
 def bench_attention(out: dict) -> None:
     dt, nh, nkv, hd, bs = torch.bfloat16, 32, 8, 128, 16
     for b, ctx in ((1, 128), (1, 2048), (1, 8192), (64, 256), (64, 2048), (256, 256), (256, 1024)):
@@ -129,11 +199,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--sections", default="small,attention,gemv,skinny",
-                   help="comma-separated: small, attention, gemv, skinny, lt")
+                   help="comma-separated: small, attention, gemv, skinny, lt, chain")
     args = p.parse_args()
     out: dict = {}
     sections = {"small": bench_small, "attention": bench_attention, "gemv": bench_gemv, "skinny": bench_skinny,
-                "lt": bench_lt}
+                "lt": bench_lt, "chain": bench_chain}
     for fn in (sections[s] for s in args.sections.split(",")):
         t0 = time.perf_counter()
         fn(out)
