@@ -220,8 +220,13 @@ def load_engine(rank_dir: Path | str, dist: Any = None) -> dict | None:
     if mismatches(m, env):
         raise EngineMismatchError(mismatch_message(rank_dir, m, env))
     _nvrtc.register_prebuilt(rank_dir / KERNELS)
-    table = json.loads((rank_dir / m.get("tuning", TUNING_FILE)).read_text() or "{}")
-    tuning.set_current(tuning.Tuning.from_dict(table))
+    table = tuning.Tuning.from_dict(json.loads((rank_dir / m.get("tuning", TUNING_FILE)).read_text() or "{}"))
+    if table.lt:   # its handle and workspace now, before the decode graphs are captured
+        import torch
+
+        from workers.kernels import cublaslt
+        cublaslt.prepare(torch.cuda.current_device())
+    tuning.set_current(table)
     return m
 
 

@@ -78,9 +78,21 @@ def handle_for(device: int) -> ctypes.c_void_p:
     return h
 
 
-@functools.cache
+_workspaces: dict[int, torch.Tensor] = {}
+
+
+def prepare(device: int) -> None:
+    """Create a device's handle and workspace now (the engine does at load, so that neither is first made
+    while a decode graph is being captured; otherwise they are made at first use)."""
+    handle_for(device)
+    if device not in _workspaces:
+        _workspaces[device] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=f"cuda:{device}")
+
+
 def _workspace(device: int) -> torch.Tensor:
-    return torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=f"cuda:{device}")
+    if device not in _workspaces:
+        prepare(device)
+    return _workspaces[device]
 
 
 @functools.cache
@@ -145,18 +157,24 @@ def usable(x: torch.Tensor, w: torch.Tensor, algo: list[int] | tuple[int, ...]) 
     return _usable(tuple(algo), _shape(x, w))
 
 
+_ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)   # alpha, beta (host scalars, read at each call)
+
+
+@functools.cache
+def _algo_struct(algo: tuple[int, ...]) -> _Algo:
+    return _Algo((ctypes.c_uint64 * 8)(*algo))
+
+
 def matmul(x: torch.Tensor, w: torch.Tensor, algo: list[int] | tuple[int, ...],
            out: torch.Tensor | None = None) -> torch.Tensor:
     """x[M,K] @ w[N,K]^T with one given algorithm, on torch's current stream (check `supported` and `usable`)."""
     dev = x.device.index
     op, a, b, c = _plan(*_shape(x, w))
     y = out if out is not None else torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
-    al = _Algo((ctypes.c_uint64 * 8)(*algo))
     vp = ctypes.c_void_p
-    _check(_lib().cublasLtMatmul(handle_for(dev), op, ctypes.cast(ctypes.byref(alpha), vp), vp(w.data_ptr()), a,
-                                 vp(x.data_ptr()), b, ctypes.cast(ctypes.byref(beta), vp), vp(y.data_ptr()), c,
-                                 vp(y.data_ptr()), c, ctypes.byref(al), vp(_workspace(dev).data_ptr()),
+    _check(_lib().cublasLtMatmul(handle_for(dev), op, ctypes.byref(_ONE), w.data_ptr(), a, x.data_ptr(), b,
+                                 ctypes.byref(_ZERO), y.data_ptr(), c, y.data_ptr(), c,
+                                 ctypes.byref(_algo_struct(tuple(algo))), _workspace(dev).data_ptr(),
                                  WORKSPACE_BYTES, vp(torch.cuda.current_stream(x.device).cuda_stream)),
            "Matmul")
     return y
