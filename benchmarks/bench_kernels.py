@@ -17,16 +17,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.kernels import cublaslt, gemv, paged_attention, rms_norm, rope_cache, silu_mul, skinny_gemm  # noqa: E402
 from workers.kernels.autotune import time_ms  # noqa: E402
+from workers.kernels.tuning import LT_BUCKETS  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
 
 
+def _rotated_weights(n: int, k: int, dt: torch.dtype, scale: float = 1.0) -> list[torch.Tensor]:
+    """Random [n,k] weight copies, 512 MB or more in all, that the timed calls cycle through (not from L2)."""
+    return [torch.randn(n, k, device="cuda", dtype=dt) * scale for _ in range(max(2, (512 << 20) // (n * k * 2)))]
+
+
 def bench_gemv(out: dict) -> None:
     dt = torch.bfloat16
     for name, (n, k) in SHAPES.items():
-        copies = max(2, (512 << 20) // (n * k * 2))
-        ws = [torch.randn(n, k, device="cuda", dtype=dt) for _ in range(copies)]
+        ws = _rotated_weights(n, k, dt)
+        copies = len(ws)
         x1 = torch.randn(1, k, device="cuda", dtype=dt)
         for c in gemv.CHOICES:
             ms = time_ms(lambda i, c=c: gemv.gemv(x1, ws[i], choice=c), copies, reps=30)
@@ -49,9 +55,8 @@ def bench_skinny(out: dict) -> None:
     """skinny_gemm at decode batch rows against cuBLAS: weight bandwidth, every choice and the best."""
     dt = torch.bfloat16
     for name, (n, k) in SHAPES.items():
-        copies = max(2, (512 << 20) // (n * k * 2))
-        ws = [torch.randn(n, k, device="cuda", dtype=dt) for _ in range(copies)]
-        gb = n * k * 2 / 1e9
+        ws = _rotated_weights(n, k, dt)
+        copies, gb = len(ws), n * k * 2 / 1e9
         for m in skinny_gemm.ROW_BUCKETS:
             x = torch.randn(m, k, device="cuda", dtype=dt)
             per = {c: time_ms(lambda i, c=c: skinny_gemm.skinny_gemm(x, ws[i], choice=c), copies, reps=30)
@@ -70,10 +75,9 @@ def bench_lt(out: dict) -> None:
     """cuBLASLt's heuristic algorithms at decode batch rows: the fastest against the first (what torch runs)."""
     dt = torch.bfloat16
     for name, (n, k) in SHAPES.items():
-        copies = max(2, (512 << 20) // (n * k * 2))
-        ws = [torch.randn(n, k, device="cuda", dtype=dt) * k ** -0.5 for _ in range(copies)]
-        gb = n * k * 2 / 1e9
-        for m in (16, 32, 64, 128, 256):
+        ws = _rotated_weights(n, k, dt, k ** -0.5)
+        copies, gb = len(ws), n * k * 2 / 1e9
+        for m in LT_BUCKETS:
             x = torch.randn(m, k, device="cuda", dtype=dt)
             algos = cublaslt.algorithms(x, ws[0])
             per = [time_ms(lambda i, a=a: cublaslt.matmul(x, ws[i], a), copies, reps=30) for a in algos]
@@ -111,12 +115,10 @@ def bench_chain(out: dict) -> None:
     lm, nf = w(V, H), torch.rand(H, device="cuda", dtype=dt) + 0.5
     shapes = {"qkv": ((nh + 2 * nkv) * hd, H), "o": (H, nh * hd), "gate_up": (2 * I, H), "down": (H, I), "lm_head": (V, H)}
     t = tuning.Tuning()
-    for key, r in autotune.tune_gemv(shapes, dt).items():
-        t.gemv_max_m[key] = r["max_m"]
-        if r["choice"] is not None:
-            t.gemv_rows[key], t.gemv_unroll[key], t.gemv_gpu_grid[key] = r["choice"]
+    autotune.tune_gemv_into(t, shapes, dt)
     per_batch = autotune.tune_attention(nh, nkv, hd, dt, (1,), (ctx,))
     t.attention_splits, t.attention_stages = {1: per_batch[1][0]}, {1: per_batch[1][1]}
+    old_table = tuning.CURRENT
     tuning.set_current(t)
     out["chain_attention_choice"] = list(per_batch[1])
     blocks = ctx // 16
@@ -159,6 +161,7 @@ def bench_chain(out: dict) -> None:
             out[f"chain_bs1_{name}{tag}_weight_tb_s"] = round(gb / ms, 3)
     del os.environ["ORCH_PDL"]
     _nvrtc._pdl_enabled.cache_clear()
+    tuning.set_current(old_table)   # later sections launch with their defaults again
 
 
 def bench_attention(out: dict) -> None:

@@ -82,15 +82,23 @@ def tune_gemv(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, max_m: int
     return out
 
 
+def tune_gemv_into(t: Tuning, shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> None:
+    """Fill `t`'s gemv entries (largest M on gemv, launch choice at M=1) from tune_gemv."""
+    for key, r in tune_gemv(shapes, dtype).items():
+        t.gemv_max_m[key] = r["max_m"]
+        if r["choice"] is not None:
+            t.gemv_rows[key], t.gemv_unroll[key], t.gemv_gpu_grid[key] = r["choice"]
+
+
 def _weight_sets(shapes: dict[str, tuple[int, int]], dtype: torch.dtype):
-    """(name, "NxK", K, random weight copies rotated past L2) per shape; nothing for 32-bit types (the
-    decode GEMM tunings are for 16-bit weights)."""
+    """(name, N, K, random weight copies rotated past L2) per shape; nothing for 32-bit types (the decode
+    GEMM tunings are for 16-bit weights)."""
     if dtype not in (torch.float16, torch.bfloat16):
         return
     for name, (n, k) in shapes.items():
         copies = max(2, min(8, L2_ROTATE_BYTES // (n * k * 2)))
         ws = [torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5 for _ in range(copies)]
-        yield name, f"{n}x{k}", k, ws
+        yield name, n, k, ws
         del ws
 
 
@@ -104,7 +112,7 @@ def tune_lt(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
     except (OSError, RuntimeError, AttributeError) as e:   # no usable libcublasLt: torch's matmul everywhere
         log.warning("cuBLASLt algorithms not tuned: %s", e)
         return out
-    for name, key, k, ws in _weight_sets(shapes, dtype):
+    for name, n, k, ws in _weight_sets(shapes, dtype):
         copies = len(ws)
         for m in LT_BUCKETS:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -118,23 +126,24 @@ def tune_lt(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
             best = min(range(len(per)), key=per.__getitem__)
             log.info("cuBLASLt %s M=%d: torch %.4f ms, algorithms %s", name, m, theirs, [round(t, 4) for t in per])
             if per[best] < theirs * (1 - margin):
-                out.setdefault(key, {})[m] = algos[best]
+                out.setdefault(f"{n}x{k}", {})[m] = algos[best]
         del ws   # (with the generator's own reference) before the next shape's copies are made
     return out
 
 
 def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
-                lt: dict[str, dict[int, list[int]]] | None = None) -> dict[str, dict[int, list[int]]]:
+                tuned: Tuning | None = None) -> dict[str, dict[int, list[int]]]:
     """Per "NxK": row bucket -> skinny_gemm's fastest choice where it beats cuBLAS at that many rows (with
-    the tuned cuBLASLt algorithm of `lt` where there is one; buckets where cuBLAS wins are left out)."""
+    the cuBLASLt algorithm `tuned` has for it, where there is one; buckets where cuBLAS wins are left out)."""
     out: dict[str, dict[int, list[int]]] = {}
-    for name, key, k, ws in _weight_sets(shapes, dtype):
+    tuned = tuned or Tuning()
+    for name, n, k, ws in _weight_sets(shapes, dtype):
         copies = len(ws)
         for m in _skinny.ROW_BUCKETS:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             per = {c: time_ms(lambda i, c=c: _skinny.skinny_gemm(x, ws[i], choice=c), copies)
                    for c in _skinny.CHOICES if _skinny.fits(c, m, dtype)}
-            algo = (lt or {}).get(key, {}).get(next(b for b in LT_BUCKETS if b >= m))
+            algo = tuned.lt_algo(n, k, m)
             if algo is not None and _lt.usable(x, ws[0], algo):
                 theirs = time_ms(lambda i: _lt.matmul(x, ws[i], algo), copies)
             else:
@@ -143,7 +152,7 @@ def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
             log.info("skinny %s M=%d: cuBLAS %.4f ms, ours %s", name, m, theirs,
                      {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
             if per[best] < theirs:
-                out.setdefault(key, {})[m] = list(best)
+                out.setdefault(f"{n}x{k}", {})[m] = list(best)
         del ws
     return out
 
@@ -192,12 +201,9 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
     q, kv = local_heads(cfg, shard_manifest["tp_size"], shard_manifest["tp_rank"])
     t = Tuning()
     shapes = linear_shapes(shard_manifest["model_config"], shard_manifest["tp_size"], shard_manifest["tp_rank"])
-    for key, r in tune_gemv(shapes, dtype).items():
-        t.gemv_max_m[key] = r["max_m"]
-        if r["choice"] is not None:
-            t.gemv_rows[key], t.gemv_unroll[key], t.gemv_gpu_grid[key] = r["choice"]
+    tune_gemv_into(t, shapes, dtype)
     t.lt = tune_lt(shapes, dtype)
-    t.skinny = tune_skinny(shapes, dtype, t.lt)
+    t.skinny = tune_skinny(shapes, dtype, t)
     probe_q = torch.empty(1, len(q), cfg.head_dim, dtype=dtype, device="cuda")
     probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
     if _attn.supported(probe_q, probe_k):

@@ -165,12 +165,11 @@ def _algo_struct(algo: tuple[int, ...]) -> _Algo:
     return _Algo((ctypes.c_uint64 * 8)(*algo))
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, algo: list[int] | tuple[int, ...],
-           out: torch.Tensor | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: torch.Tensor, algo: list[int] | tuple[int, ...]) -> torch.Tensor:
     """x[M,K] @ w[N,K]^T with one given algorithm, on torch's current stream (check `supported` and `usable`)."""
     dev = x.device.index
     op, a, b, c = _plan(*_shape(x, w))
-    y = out if out is not None else torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
     vp = ctypes.c_void_p
     _check(_lib().cublasLtMatmul(handle_for(dev), op, ctypes.byref(_ONE), w.data_ptr(), a, x.data_ptr(), b,
                                  ctypes.byref(_ZERO), y.data_ptr(), c, y.data_ptr(), c,
