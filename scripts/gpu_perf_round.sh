@@ -14,10 +14,12 @@ export PYTHONUNBUFFERED=1 ORCH_KERNEL_CACHE=${ORCH_KERNEL_CACHE:-/tmp/orch-kerne
 t0=$SECONDS
 say() { echo "=== [$((SECONDS - t0)) s] $*"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-say "quick kernel checks"
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py \
-  -k "${TESTS_K:-programmatic or graph or gemv or skinny}" 2>&1 | tail -5
-timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py 2>&1 | tail -3
+if [ -z "${FULL_TESTS:-}" ]; then  # FULL_TESTS runs every GPU test further down instead
+  say "quick kernel checks"
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py \
+    -k "${TESTS_K:-programmatic or graph or gemv or skinny}" 2>&1 | tail -5
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py 2>&1 | tail -3
+fi
 if [ -n "${KERNELS:-}" ]; then
   say "kernel micro-benchmarks ($KERNELS)"
   timeout 200 python3 benchmarks/bench_kernels.py --out "$OUT/kernels_$NAME.json" --sections "$KERNELS" 2>&1 | tail -80
