@@ -6,7 +6,8 @@
 // wave tail of short blocks; or one row group per warp: the block scheduler balances), as tuned.
 // WARPS * 32 threads per block.
 // Before waiting for the previous kernel (PDL), each warp prefetches into L2 the weights of its first
-// iteration: weights are never written by a kernel, so this overlaps the previous kernel's tail.
+// iteration: weights are never written by a kernel, so this overlaps the previous kernel's tail. The
+// next kernel is let in (pdl_trigger) after this block's rows, not at its start.
 #ifndef ROWS
 #define ROWS 2
 #endif
@@ -41,7 +42,9 @@ __device__ __forceinline__ void gemv_body(const scalar_t* __restrict__ x, long l
   // weight row of slot r for outputs starting at n0, and whether it exists
 #define WROW(n0, r) (GLU ? (n0) + (long long)(r) * N : (n0) + (r))
 #define WOK(n0, r) ((GLU ? (n0) : (n0) + (r)) < N)
-  pdl_trigger();
+  // PDL: the next kernel is let in only once this block has streamed its rows (pdl_trigger below, after the
+  // loop), not at the start: its blocks would otherwise become resident and wait while this grid's later
+  // blocks still need the SMs.
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -102,6 +105,7 @@ __device__ __forceinline__ void gemv_body(const scalar_t* __restrict__ x, long l
       }
     }
   }
+  pdl_trigger();
 #undef WROW
 #undef WOK
 }
