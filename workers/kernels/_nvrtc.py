@@ -6,6 +6,7 @@ import functools
 import hashlib
 import logging
 import os
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,15 +185,32 @@ class _LaunchConfig(ctypes.Structure):
                 ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
 
 
-_CTYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
-           np.float32: ctypes.c_float}
+_ARG_CODES = {np.uint64: "Q", np.int64: "q", np.int32: "i", np.float32: "f"}   # struct codes of kernel arguments
+
+
+@functools.lru_cache(maxsize=None)
+def _arg_layout(types: tuple) -> tuple[struct.Struct, np.ndarray]:
+    """Arguments of these types laid out as C lays them out (native alignment): a struct that packs them all
+    into one buffer, and each one's offset in it."""
+    codes = [_ARG_CODES[t] for t in types]
+    offsets = [struct.calcsize("@" + "".join(codes[: i + 1])) - struct.calcsize("@" + c) for i, c in enumerate(codes)]
+    return struct.Struct("@" + "".join(codes)), np.array(offsets, dtype=np.uint64)
+
+
+def kernel_params(args: tuple) -> tuple[np.ndarray, Any]:
+    """cuLaunchKernelEx's kernelParams for `args` (ptr / i32 / i64 / f32 values): an array of pointers to each
+    value, and the buffer that holds the values; both must stay alive until the launch call returns. One
+    pack per launch (a ctypes object per argument cost ~4x the host time)."""
+    st, offsets = _arg_layout(tuple(map(type, args)))
+    buf = ctypes.create_string_buffer(st.pack(*args), st.size)
+    return offsets + np.uint64(ctypes.addressof(buf)), buf
 
 
 @functools.lru_cache(maxsize=None)
 def _driver() -> Any:
     lib = ctypes.CDLL("libcuda.so.1")
-    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
-                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,  # void **params
+                                     ctypes.c_void_p]
     return lib
 
 
@@ -221,9 +239,9 @@ def _launch_pdl(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tu
     attr = _pdl_attr()
     cfg = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, stream,
                         ctypes.pointer(attr), 1)
-    vals = [_CTYPES[type(a)](a.item()) for a in args]
-    params = (ctypes.c_void_p * len(vals))(*(ctypes.addressof(v) for v in vals))
-    rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), fn.ptr, params, None)
+    params, values = kernel_params(args)
+    rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), fn.ptr, params.ctypes.data, None)
+    del values   # (alive until here: the driver has read the arguments)
     if rc != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc} ({_error_name(rc)})")
 

@@ -1,0 +1,26 @@
+"""The kernel launcher's host side, without a GPU: the argument array cuLaunchKernelEx reads."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+
+from workers.kernels._nvrtc import f32, i32, i64, kernel_params, ptr
+
+
+def test_kernel_params_point_at_each_argument_as_the_kernel_reads_it():
+    """The kernelParams array handed to cuLaunchKernelEx: element i points at argument i, stored with its C
+    type and alignment (read back here through the pointers, as the driver reads them)."""
+    x = torch.arange(6, dtype=torch.float32)
+    args = (ptr(x), i32(-7), ptr(None), i64(-(2 ** 40) - 3), f32(0.1), i32(2 ** 31 - 1), ptr(x), f32(-3.5e-8))
+    readers = (ctypes.c_uint64, ctypes.c_int32, ctypes.c_uint64, ctypes.c_int64, ctypes.c_float, ctypes.c_int32,
+               ctypes.c_uint64, ctypes.c_float)
+    params, values = kernel_params(args)
+    assert params.dtype == np.uint64 and params.shape == (len(args),)
+    for p, a, r in zip(params, args, readers):
+        assert int(p) % ctypes.sizeof(r) == 0                     # aligned as a kernel parameter of that type
+        got = r.from_address(int(p)).value
+        assert got == (a.item() if r is not ctypes.c_float else np.float32(a).item())
+    assert kernel_params(())[0].shape == (0,)
+    del values
