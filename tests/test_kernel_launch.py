@@ -24,3 +24,18 @@ def test_kernel_params_point_at_each_argument_as_the_kernel_reads_it():
         assert got == (a.item() if r is not ctypes.c_float else np.float32(a).item())
     assert kernel_params(())[0].shape == (0,)
     del values
+
+
+def test_launch_config_is_built_once_per_geometry_and_stream():
+    """The cached launch configuration carries the grid and block (padded to 3 dims), shared memory, stream
+    and the one PDL attribute; the same geometry on the same stream gets the same object, others a new one."""
+    from workers.kernels._nvrtc import _PROGRAMMATIC_STREAM_SERIALIZATION, launch_config
+
+    a = launch_config((8, 64, 4), (128,), 4096, 1234)
+    assert list(a.grid) == [8, 64, 4] and list(a.block) == [128, 1, 1]
+    assert a.shared_mem == 4096 and a.stream == 1234 and a.num_attrs == 1
+    assert a.attrs[0].id == _PROGRAMMATIC_STREAM_SERIALIZATION
+    assert launch_config((8, 64, 4), (128,), 4096, 1234) is a
+    b = launch_config((8, 64, 5), (128,), 4096, 1234)
+    assert b is not a and list(b.grid) == [8, 64, 5]
+    assert launch_config((8, 64, 4), (128,), 4096, 999) is not a

@@ -233,12 +233,26 @@ def _pdl_enabled(device: int) -> bool:
         return False
 
 
+_CONFIGS: dict[tuple, _LaunchConfig] = {}
+
+
+def launch_config(grid: tuple[int, ...], block: tuple[int, ...], shared_mem: int, stream: int) -> _LaunchConfig:
+    """The PDL launch configuration of this geometry on this stream, built once (the driver only reads it
+    during the launch call); at most 4096 kept."""
+    key = (tuple(grid), tuple(block), shared_mem, stream)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        if len(_CONFIGS) >= 4096:
+            _CONFIGS.clear()
+        g, b = (*key[0], 1, 1)[:3], (*key[1], 1, 1)[:3]
+        cfg = _CONFIGS[key] = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, stream,
+                                            ctypes.pointer(_pdl_attr()), 1)
+    return cfg
+
+
 def _launch_pdl(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int,
                 stream: int) -> None:
-    g, b = (*grid, 1, 1)[:3], (*block, 1, 1)[:3]
-    attr = _pdl_attr()
-    cfg = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, stream,
-                        ctypes.pointer(attr), 1)
+    cfg = launch_config(grid, block, shared_mem, stream)
     params, values = kernel_params(args)
     rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), fn.ptr, params.ctypes.data, None)
     del values   # (alive until here: the driver has read the arguments)
