@@ -352,7 +352,8 @@ def bench_hf(batches=(1, 64), isl: int = 128, new_tokens: int = 128, reps: int =
     conf = config or config_dict()
     cfg = transformers.LlamaConfig(**{k: v for k, v in conf.items() if k != "architectures"},
                                    attn_implementation=attention)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    on_gpu = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
@@ -381,7 +382,7 @@ def bench_hf(batches=(1, 64), isl: int = 128, new_tokens: int = 128, reps: int =
                  [round(r) for r in runs])
     del model
     gc.collect()
-    if torch.device(device).type == "cuda":
+    if on_gpu:
         torch.cuda.empty_cache()
     return out
 
