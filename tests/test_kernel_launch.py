@@ -35,6 +35,7 @@ def test_launch_config_is_built_once_per_geometry_and_stream():
     assert list(a.grid) == [8, 64, 4] and list(a.block) == [128, 1, 1]
     assert a.shared_mem == 4096 and a.stream == 1234 and a.num_attrs == 1
     assert a.attrs[0].id == _PROGRAMMATIC_STREAM_SERIALIZATION
+    assert ctypes.string_at(ctypes.addressof(a.attrs[0]), 16).hex() == "06000000" + "00" * 4 + "01000000" + "00" * 4
     assert launch_config((8, 64, 4), (128,), 4096, 1234) is a
     b = launch_config((8, 64, 5), (128,), 4096, 1234)
     assert b is not a and list(b.grid) == [8, 64, 5]

@@ -216,9 +216,16 @@ def _driver() -> Any:
 
 @functools.lru_cache(maxsize=None)
 def _pdl_attr() -> Any:
+    return _launch_attr(_PROGRAMMATIC_STREAM_SERIALIZATION, 1)   # programmaticStreamSerializationAllowed
+
+
+def _launch_attr(attr_id: int, *values: int) -> _LaunchAttr:
+    """A launch attribute whose value is these 32-bit integers. Copied in byte for byte: assigning bytes to
+    the char-array field would stop at the first zero byte."""
     attr = _LaunchAttr()
-    attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
-    attr.value = (1).to_bytes(4, "little")   # programmaticStreamSerializationAllowed
+    attr.id = attr_id
+    raw = b"".join(int(v).to_bytes(4, "little") for v in values)
+    ctypes.memmove(ctypes.addressof(attr) + _LaunchAttr.value.offset, raw, len(raw))
     return attr
 
 
