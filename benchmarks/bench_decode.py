@@ -335,39 +335,55 @@ def bench_throughput(engine, workloads, batches, budget_s: float,
 
 # --- transformers baseline ------------------------------------------------------------------------------
 
-def bench_hf(batches=(1, 64), isl: int = 128, new_tokens: int = 128, reps: int = 3) -> dict:
+def hf_metric(attention: str, batch: int) -> str:
+    """Metric name of transformers' tokens/s at `batch` with attention implementation `attention` (sdpa,
+    transformers' default, keeps the name the earlier results use)."""
+    return f"hf_eager_bs{batch}_tok_s" if attention == "sdpa" else f"hf_eager_{attention}attn_bs{batch}_tok_s"
+
+
+def bench_hf(batches=(1, 64), isl: int = 128, new_tokens: int = 128, reps: int = 3, attention: str = "sdpa",
+             config: dict | None = None, device: str = "cuda") -> dict:
     """transformers generate, eager (no torch.compile), bf16, random weights: output tokens/s, the median
-    of `reps` timed runs (it is bound by the host's kernel launches, and varies from run to run)."""
+    of `reps` timed runs (it is bound by the host's kernel launches, and varies from run to run).
+    `attention`: transformers' attention implementation (sdpa, its default, or eager: plain torch ops);
+    `config` (default: the benchmark's 8B shape) and `device` let a test run it small on the CPU."""
     import transformers
 
-    cfg = transformers.LlamaConfig(**{k: v for k, v in config_dict().items() if k != "architectures"})
+    conf = config or config_dict()
+    cfg = transformers.LlamaConfig(**{k: v for k, v in conf.items() if k != "architectures"},
+                                   attn_implementation=attention)
+    on_gpu = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = transformers.LlamaForCausalLM(cfg).eval()
     finally:
         torch.set_default_dtype(torch.float32)
     out = {}
     for b in batches:
-        ids = torch.randint(0, cfg.vocab_size, (b, isl), device="cuda")
+        ids = torch.randint(0, cfg.vocab_size, (b, isl), device=device)
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=0, attention_mask=torch.ones_like(ids))
         runs = []
         with torch.no_grad():
             model.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})   # warm-up
             for _ in range(reps):
-                torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 model.generate(ids, **kw)
-                torch.cuda.synchronize()
+                sync()
                 runs.append(b * new_tokens / (time.perf_counter() - t0))
         runs.sort()
-        out[f"hf_eager_bs{b}_tok_s"] = round(runs[len(runs) // 2], 2)
-        out[f"hf_eager_bs{b}_tok_s_min"], out[f"hf_eager_bs{b}_tok_s_max"] = round(runs[0], 2), round(runs[-1], 2)
-        log.info("transformers batch %d: %s tok/s (runs %s)", b, out[f"hf_eager_bs{b}_tok_s"], [round(r) for r in runs])
+        key = hf_metric(attention, b)
+        out[key] = round(runs[len(runs) // 2], 2)
+        out[f"{key}_min"], out[f"{key}_max"] = round(runs[0], 2), round(runs[-1], 2)
+        log.info("transformers (%s attention) batch %d: %s tok/s (runs %s)", attention, b, out[key],
+                 [round(r) for r in runs])
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if on_gpu:
+        torch.cuda.empty_cache()
     return out
 
 
@@ -382,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lockstep-too", action="store_true", help="throughput also in lockstep (A/B of running ahead)")
     p.add_argument("--budget-s", type=float, default=30.0, help="decode seconds per throughput run at most")
     p.add_argument("--hf-new-tokens", type=int, default=128, help="transformers' output length (ISL 128)")
+    p.add_argument("--hf-attention", default="sdpa",
+                   help="transformers' attention implementations to time, comma-separated: sdpa (its default; "
+                        "the speedup metric's baseline) and/or eager (plain torch ops)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sections = set(args.sections.split(","))
@@ -390,9 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     metrics["copy_bandwidth_gb_s"] = round(copy_bandwidth_gbs(), 1)
     if "hf" in sections:
-        metrics.update(bench_hf(new_tokens=args.hf_new_tokens))
-        notes.append(f"transformers: generate() with default (sdpa) attention, no torch.compile, ISL 128, "
-                     f"{args.hf_new_tokens} new tokens, prefill included, median of 3 timed runs (min/max alongside)")
+        for attention in args.hf_attention.split(","):
+            metrics.update(bench_hf(new_tokens=args.hf_new_tokens, attention=attention))
+            notes.append(f"transformers ({hf_metric(attention, 64)}): generate() with {attention} attention, no "
+                         f"torch.compile, ISL 128, {args.hf_new_tokens} new tokens, prefill included, median of 3 "
+                         f"timed runs (min/max alongside)")
     work = Path(args.work)
     shard = work / "shard"
     if not (shard / "manifest.json").is_file():
@@ -434,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     ours64 = metrics.get("throughput_isl128_osl128_bs64_tok_s")
     if hf64 and ours64:
         metrics["speedup_bs64_isl128_osl128_vs_hf_x"] = round(ours64 / hf64, 2)
+    hf64_eager = metrics.get(hf_metric("eager", 64))
+    if hf64_eager and ours64:
+        metrics["speedup_bs64_isl128_osl128_vs_hf_eagerattn_x"] = round(ours64 / hf64_eager, 2)
     metrics["total_s"] = round(time.perf_counter() - t_all, 1)
     result = {"name": args.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "device": torch.cuda.get_device_name(), "command": " ".join(["python", *sys.argv]),

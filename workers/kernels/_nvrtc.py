@@ -6,6 +6,7 @@ import functools
 import hashlib
 import logging
 import os
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,23 +185,47 @@ class _LaunchConfig(ctypes.Structure):
                 ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
 
 
-_CTYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
-           np.float32: ctypes.c_float}
+_ARG_CODES = {np.uint64: "Q", np.int64: "q", np.int32: "i", np.float32: "f"}   # struct codes of kernel arguments
+
+
+@functools.lru_cache(maxsize=None)
+def _arg_layout(types: tuple) -> tuple[struct.Struct, np.ndarray]:
+    """Arguments of these types laid out as C lays them out (native alignment): a struct that packs them all
+    into one buffer, and each one's offset in it."""
+    codes = [_ARG_CODES[t] for t in types]
+    offsets = [struct.calcsize("@" + "".join(codes[: i + 1])) - struct.calcsize("@" + c) for i, c in enumerate(codes)]
+    return struct.Struct("@" + "".join(codes)), np.array(offsets, dtype=np.uint64)
+
+
+def kernel_params(args: tuple) -> tuple[np.ndarray, Any]:
+    """cuLaunchKernelEx's kernelParams for `args` (ptr / i32 / i64 / f32 values): an array of pointers to each
+    value, and the buffer that holds the values; both must stay alive until the launch call returns. One
+    pack per launch (a ctypes object per argument cost ~4x the host time)."""
+    st, offsets = _arg_layout(tuple(map(type, args)))
+    buf = ctypes.create_string_buffer(st.pack(*args), st.size)
+    return offsets + np.uint64(ctypes.addressof(buf)), buf
 
 
 @functools.lru_cache(maxsize=None)
 def _driver() -> Any:
     lib = ctypes.CDLL("libcuda.so.1")
-    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
-                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,  # void **params
+                                     ctypes.c_void_p]
     return lib
 
 
 @functools.lru_cache(maxsize=None)
 def _pdl_attr() -> Any:
+    return _launch_attr(_PROGRAMMATIC_STREAM_SERIALIZATION, 1)   # programmaticStreamSerializationAllowed
+
+
+def _launch_attr(attr_id: int, *values: int) -> _LaunchAttr:
+    """A launch attribute whose value is these 32-bit integers. Copied in byte for byte: assigning bytes to
+    the char-array field would stop at the first zero byte."""
     attr = _LaunchAttr()
-    attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
-    attr.value = (1).to_bytes(4, "little")   # programmaticStreamSerializationAllowed
+    attr.id = attr_id
+    raw = b"".join(int(v).to_bytes(4, "little") for v in values)
+    ctypes.memmove(ctypes.addressof(attr) + _LaunchAttr.value.offset, raw, len(raw))
     return attr
 
 
@@ -215,15 +240,29 @@ def _pdl_enabled(device: int) -> bool:
         return False
 
 
+_CONFIGS: dict[tuple, _LaunchConfig] = {}
+
+
+def launch_config(grid: tuple[int, ...], block: tuple[int, ...], shared_mem: int, stream: int) -> _LaunchConfig:
+    """The PDL launch configuration of this geometry on this stream, built once (the driver only reads it
+    during the launch call); at most 4096 kept."""
+    key = (tuple(grid), tuple(block), shared_mem, stream)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        if len(_CONFIGS) >= 4096:
+            _CONFIGS.clear()
+        g, b = (*key[0], 1, 1)[:3], (*key[1], 1, 1)[:3]
+        cfg = _CONFIGS[key] = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, stream,
+                                            ctypes.pointer(_pdl_attr()), 1)
+    return cfg
+
+
 def _launch_pdl(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int,
                 stream: int) -> None:
-    g, b = (*grid, 1, 1)[:3], (*block, 1, 1)[:3]
-    attr = _pdl_attr()
-    cfg = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, stream,
-                        ctypes.pointer(attr), 1)
-    vals = [_CTYPES[type(a)](a.item()) for a in args]
-    params = (ctypes.c_void_p * len(vals))(*(ctypes.addressof(v) for v in vals))
-    rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), fn.ptr, params, None)
+    cfg = launch_config(grid, block, shared_mem, stream)
+    params, values = kernel_params(args)
+    rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), fn.ptr, params.ctypes.data, None)
+    del values   # (alive until here: the driver has read the arguments)
     if rc != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc} ({_error_name(rc)})")
 

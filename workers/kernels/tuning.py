@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,18 +26,13 @@ class Tuning:
     def splits_for(self, batch: int, nkv: int) -> int:
         """Splits of the decode attention for `batch` sequences (tuned, else enough blocks for 2 waves)."""
         if self.attention_splits:
-            known = sorted(self.attention_splits)
-            b = next((k for k in known if k >= batch), known[-1])
-            return self.attention_splits[b]
+            return _per_batch(self.attention_splits, batch)
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
         return max(1, min(64, -(-2 * sms // max(1, batch * nkv))))
 
     def stages_for(self, batch: int) -> int:
         """Decode-attention kernel for `batch` sequences: 0 (K/V in registers) or its cp.async stages."""
-        if not self.attention_stages:
-            return 0
-        known = sorted(self.attention_stages)
-        return self.attention_stages[next((k for k in known if k >= batch), known[-1])]
+        return _per_batch(self.attention_stages, batch) if self.attention_stages else 0
 
     def gemv_limit(self, n: int, k: int) -> int:
         """Largest M for which an x[M,k] @ w[n,k]^T runs on gemv."""
@@ -89,6 +85,13 @@ class Tuning:
                            for key, per in d.get("skinny", {}).items()},
                    lt={str(key): {int(m): [int(v) for v in a] for m, a in per.items()}
                        for key, per in d.get("lt", {}).items()})
+
+
+def _per_batch(table: dict[int, Any], batch: int) -> Any:
+    """A per-batch-size entry of a non-empty table: the one tuned at the smallest batch size >= `batch`
+    (the largest tuned one past them all)."""
+    known = sorted(table)
+    return table[next((k for k in known if k >= batch), known[-1])]
 
 
 LT_BUCKETS = (16, 32, 64, 128, 256)   # row counts cuBLASLt algorithms are chosen at (M runs on the next one up)
