@@ -2,8 +2,9 @@
 # Several versions of the code measured in one device call. Side "base" is the working tree; each folder
 # variants/NAME/ (the repository's paths, holding that variant's versions of the files it changes: see
 # scripts/make_variant.sh) is copied over the tree as side NAME. Optionally each side's GPU tests first
-# (TESTS_K: a pytest -k expression), then bench_decode run round-robin (ROUNDS rounds, default 2), results
-# under $OUT as NAME_<side><round>.json and a summary of the graph replay times at the end.
+# (TESTS_K: a pytest -k expression; TESTS_K_<side> overrides it for one side, '-' in the side's name written
+# as '_', 'all' runs every GPU test, empty skips the side; PAR_TESTS=1 runs the sides' tests concurrently), then bench_decode run round-robin (ROUNDS rounds,
+# default 2), results under $OUT as NAME_<side><round>.json and a summary of the graph replay times at the end.
 #   scripts/gpu_variants.sh RUN_NAME [bench_decode args...]      e.g. --sections copy,build,bs1
 # variants/ is git-ignored: name it in the device call's carry (with .devbundle).
 set -uo pipefail
@@ -23,13 +24,19 @@ for v in variants/*/; do
   DIR[$name]=/tmp/variant_$name
   SIDES="$SIDES $name"
 done
-if [ -n "${TESTS_K:-}" ]; then
-  for side in $SIDES; do
-    echo "=== tests ($side): $(cd "${DIR[$side]}" && PYTHONPATH="${DIR[$side]}:$SITE" timeout "${TESTS_TIMEOUT:-150}" \
-      python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_gpu_engine.py \
-      -k "$TESTS_K" 2>&1 | tail -1)"
-  done
-fi
+run_tests() {  # side, -k expression
+  local sel=(-k "$2"); [ "$2" = all ] && sel=()
+  (cd "${DIR[$1]}" && PYTHONPATH="${DIR[$1]}:$SITE" timeout "${TESTS_TIMEOUT:-150}" \
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_gpu_engine.py \
+    "${sel[@]}" > "$OUT/tests_${RUN}_$1.txt" 2>&1)
+  echo "=== tests ($1, -k $2) [$SECONDS s]: $(grep "^FAILED\|^ERROR" "$OUT/tests_${RUN}_$1.txt" | head -5) $(tail -1 "$OUT/tests_${RUN}_$1.txt")"
+}
+for side in $SIDES; do  # PAR_TESTS=1: all sides at once (NVRTC compiles dominate and use one core each)
+  var="TESTS_K_${side//-/_}"; k=${!var-${TESTS_K:-}}
+  [ -n "$k" ] || continue
+  if [ -n "${PAR_TESTS:-}" ]; then run_tests "$side" "$k" & else run_tests "$side" "$k"; fi
+done
+wait
 for round in $(seq "${ROUNDS:-2}"); do
   for side in $SIDES; do
     echo "=== round $round side $side"
