@@ -148,7 +148,7 @@ class Engine:
                           for _ in self.model.layers]
         self._stopped = False
         self.decode_graphs = None   # GPU: engine-dir pins checked, tuned kernels loaded, decode under CUDA graphs
-        if kernels and cuda_graphs and (dist is None or dist.world_size == 1):
+        if kernels and cuda_graphs and pp == 1:   # tensor-parallel ranks capture their NCCL collectives too
             from workers.cuda_graphs import make_decode_graphs
 
             self.decode_graphs = make_decode_graphs(self.model, self.kv_caches, block_size, self.device)
