@@ -109,6 +109,11 @@ def load_engine(engine_dir: Path, kv_reserve_gb: float = 6.0):
     return Engine(engine_dir, device="cuda", num_kv_blocks=blocks, block_size=BLOCK_SIZE)
 
 
+def synchronizer(device: str | torch.device):
+    """A call that waits for `device`'s queued work: torch.cuda.synchronize on a GPU, nothing on the CPU."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
 def run_workload(engine, batch: int, isl: int, osl: int, budget_s: float, prefill_tokens: int = 8192,
                  seed: int = 0, ahead: bool = True, warm: bool = True) -> dict:
     """Prefill `batch` prompts of isl tokens (chunked), then greedy-decode; stops decoding when the
@@ -126,7 +131,7 @@ def run_workload(engine, batch: int, isl: int, osl: int, budget_s: float, prefil
     per_seq = -(-(isl + osl) // BLOCK_SIZE)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
     prompts = torch.randint(0, vocab, (batch, isl), generator=g).tolist()
-    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync = synchronizer(engine.device)
     if warm:   # its K/V go to the blocks the timed prefill then overwrites
         n, size = min(batch, max(1, prefill_tokens // isl)), min(isl, prefill_tokens)
         engine.step(StepInput([SeqChunk(i, prompts[i][:size], 0, tables[i], size == isl) for i in range(n)]))
@@ -359,7 +364,7 @@ def bench_hf(batches=(1, 64), isl: int = 128, new_tokens: int = 128, reps: int =
     cfg = transformers.LlamaConfig(**{k: v for k, v in conf.items() if k != "architectures"},
                                    attn_implementation=attention)
     on_gpu = torch.device(device).type == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync = synchronizer(device)
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
