@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.kernels import cublaslt, gemv, paged_attention, rms_norm, rope_cache, silu_mul, skinny_gemm  # noqa: E402
+from workers.kernels import (cublaslt, gemv, paged_attention, rms_norm, rope_cache, silu_mul, skinny_gemm,  # noqa: E402
+                             tma_gemm)
 from workers.kernels.autotune import time_ms  # noqa: E402
 from workers.kernels.tuning import LT_BUCKETS  # noqa: E402
 
@@ -68,6 +69,34 @@ def bench_skinny(out: dict) -> None:
             out[f"skinny_{name}_m{m}_best_choice"] = "bn{}_split{}_bk{}_st{}".format(*best)
             cub = time_ms(lambda i: F.linear(x, ws[i]), copies, reps=30)
             out[f"cublas_{name}_m{m}_gb_s"] = round(gb / (cub / 1e3), 1)
+        del ws
+
+
+def bench_tma(out: dict) -> None:
+    """tma_gemm at decode batch rows against cuBLAS (torch's and cuBLASLt's best offered algorithm) in the
+    same run: weight bandwidth, every choice and the best."""
+    dt = torch.bfloat16
+    for name, (n, k) in SHAPES.items():
+        ws = _rotated_weights(n, k, dt)
+        copies, gb = len(ws), n * k * 2 / 1e9
+        for m in tma_gemm.ROW_BUCKETS:
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            per = {c: time_ms(lambda i, c=c: tma_gemm.tma_gemm(x, ws[i], choice=c), copies, reps=30)
+                   for c in tma_gemm.CHOICES if tma_gemm.fits(c, m)}
+            for c, ms in per.items():
+                out[f"tma_{name}_m{m}_wg{c[0]}_split{c[1]}_st{c[2]}_gb_s"] = round(gb / (ms / 1e3), 1)
+            best = min(per, key=per.get)
+            out[f"tma_{name}_m{m}_best_gb_s"] = round(gb / (per[best] / 1e3), 1)
+            out[f"tma_{name}_m{m}_best_choice"] = "wg{}_split{}_st{}".format(*best)
+            cub = time_ms(lambda i: F.linear(x, ws[i]), copies, reps=30)
+            out[f"cublas_{name}_m{m}_gb_s"] = round(gb / (cub / 1e3), 1)
+            algos = cublaslt.algorithms(x, ws[0]) if cublaslt.supported(x, ws[0]) else []
+            if algos:
+                lt = min(time_ms(lambda i, a=a: cublaslt.matmul(x, ws[i], a), copies, reps=30) for a in algos)
+                out[f"cublaslt_best_{name}_m{m}_gb_s"] = round(gb / (lt / 1e3), 1)
+            print(f"tma {name} m{m}: best {out[f'tma_{name}_m{m}_best_gb_s']} GB/s "
+                  f"({out[f'tma_{name}_m{m}_best_choice']}), cuBLAS {out[f'cublas_{name}_m{m}_gb_s']}, "
+                  f"cuBLASLt best {out.get(f'cublaslt_best_{name}_m{m}_gb_s')}", flush=True)
         del ws
 
 
@@ -202,11 +231,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--sections", default="small,attention,gemv,skinny",
-                   help="comma-separated: small, attention, gemv, skinny, lt, chain")
+                   help="comma-separated: small, attention, gemv, skinny, tma, lt, chain")
     args = p.parse_args()
     out: dict = {}
     sections = {"small": bench_small, "attention": bench_attention, "gemv": bench_gemv, "skinny": bench_skinny,
-                "lt": bench_lt, "chain": bench_chain}
+                "tma": bench_tma, "lt": bench_lt, "chain": bench_chain}
     for fn in (sections[s] for s in args.sections.split(",")):
         t0 = time.perf_counter()
         fn(out)

@@ -20,6 +20,7 @@ from workers.kernels.rms_norm import rms_norm  # noqa: E402
 from workers.kernels.rope_cache import rope_and_cache_write  # noqa: E402
 from workers.kernels.silu_mul import silu_mul  # noqa: E402
 from workers.kernels.skinny_gemm import fits as skinny_fits, skinny_gemm, supported as skinny_supported  # noqa: E402
+from workers.kernels import tma_gemm as tma  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -287,6 +288,73 @@ def test_skinny_gemm_split_k_is_deterministic_and_graph_safe():
         torch.cuda.synchronize()
         assert torch.equal(y, skinny_gemm(x, w, choice=(128, 8, 128, 3)))
         assert rel_err(y, ref.gemv(x.double(), w.double())) < 1e-2
+
+
+needs_tma = pytest.mark.skipif(not tma.available(), reason="tma_gemm runs on sm_90 GPUs only")
+
+
+@needs_tma
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 8, 13, 16, 33, 64, 100, 128])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (136, 1032), (1000, 14336), (8, 24)])
+@pytest.mark.parametrize("choice", [(1, 1, 4), (2, 1, 8), (1, 3, 6), (2, 8, 4), (1, 8, 8)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_tma_gemm(dtype, M, N, K, choice, bias):
+    """Rows padded to their bucket (read as zeros past M), ragged N and K tiles (zeros past the edge),
+    split-K reduced across the cluster (uneven splits), a row stride other than K, bias."""
+    x = rnd(M, K + 8, dtype=dtype)[:, :K]
+    w = rnd(N, K, dtype=dtype, scale=K ** -0.5)
+    b = rnd(N, dtype=dtype) if bias else None
+    assert tma.supported(x, w)
+    if not tma.fits(choice, M):
+        with pytest.raises(ValueError, match="shared memory"):
+            tma.tma_gemm(x, w, b, choice=choice)
+        return
+    poison()
+    y = tma.tma_gemm(x, w, b, choice=choice)
+    assert y.shape == (M, N)
+    assert rel_err(y, ref.gemv(x.double(), w.double(), None if b is None else b.double())) < TOL[dtype]
+
+
+@needs_tma
+def test_tma_gemm_is_deterministic_graph_safe_and_pdl_ordered():
+    """Split-K across the cluster gives the same bits run after run; it replays inside a CUDA graph on new
+    inputs; and, run right after the kernel that writes its x (PDL), it reads the new x."""
+    x, w = rnd(64, 14336, dtype=torch.bfloat16), rnd(4096, 14336, dtype=torch.bfloat16, scale=14336 ** -0.5)
+    first = tma.tma_gemm(x, w, choice=(1, 8, 6))
+    for _ in range(3):
+        assert torch.equal(tma.tma_gemm(x, w, choice=(1, 8, 6)), first)
+    src = rnd(64, 14336, dtype=torch.bfloat16)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        x.copy_(src * 2)   # the kernel before it writes x
+        y = tma.tma_gemm(x, w, choice=(1, 8, 6))
+    for _ in range(3):
+        src.copy_(rnd(64, 14336, dtype=torch.bfloat16))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, tma.tma_gemm(src * 2, w, choice=(1, 8, 6)))
+        assert rel_err(y, ref.gemv(src.double() * 2, w.double())) < 1e-2
+
+
+@needs_tma
+def test_backend_linear_takes_tma_gemm_where_tuned():
+    """The GPU backend's linear runs tma_gemm for the row buckets the tuning table names, ahead of skinny_gemm."""
+    from workers.backends import cuda
+    from workers.kernels import tuning
+
+    w = rnd(1536, 4096, dtype=torch.bfloat16, scale=4096 ** -0.5)
+    old = tuning.CURRENT
+    tuning.set_current(tuning.Tuning(gemv_max_m={"1536x4096": 1}, tma={"1536x4096": {32: [2, 4, 6]}},
+                                     skinny={"1536x4096": {32: [64, 2, 128, 4], 64: [64, 2, 128, 4]}}))
+    try:
+        for m in (17, 32):
+            x = rnd(m, 4096, dtype=torch.bfloat16)
+            assert torch.equal(cuda.linear(x, w), tma.tma_gemm(x, w, choice=(2, 4, 6)))
+        x = rnd(40, 4096, dtype=torch.bfloat16)
+        assert torch.equal(cuda.linear(x, w), skinny_gemm(x, w, choice=(64, 2, 128, 4)))
+    finally:
+        tuning.set_current(old)
 
 
 def test_backend_linear_takes_skinny_gemm_where_tuned():

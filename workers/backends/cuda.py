@@ -13,6 +13,7 @@ from workers.kernels import cublaslt as _lt
 from workers.kernels import gemv as _gemv
 from workers.kernels import paged_attention as _attn
 from workers.kernels import skinny_gemm as _skinny
+from workers.kernels import tma_gemm as _tma
 from workers.kernels import tuning
 from workers.kernels.rms_norm import rms_norm
 from workers.kernels.rope_cache import rope_and_cache_write
@@ -37,6 +38,12 @@ def _skinny_choice(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int
     return c if c is not None and _skinny.supported(x, w) else None
 
 
+def _tma_choice(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int] | None:
+    """tma_gemm's launch for x @ w.T where the tuning table has it beating the other GEMMs at this many rows."""
+    c = tuning.CURRENT.tma_choice(w.shape[0], w.shape[1], x.shape[0])
+    return c if c is not None and _tma.supported(x, w) else None
+
+
 def _lt_algo(x: torch.Tensor, w: torch.Tensor) -> list[int] | None:
     """The cuBLASLt algorithm the build found faster than torch's matmul for this shape's row bucket, if it
     runs this exact shape."""
@@ -45,8 +52,11 @@ def _lt_algo(x: torch.Tensor, w: torch.Tensor) -> list[int] | None:
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias) past gemv's rows: skinny_gemm where tuned faster, else cuBLAS (with the cuBLASLt
-    algorithm the build chose where it beat torch's)."""
+    """x @ w.T (+ bias) past gemv's rows: tma_gemm or skinny_gemm where tuned faster, else cuBLAS (with the
+    cuBLASLt algorithm the build chose where it beat torch's)."""
+    t = _tma_choice(x, w)
+    if t:
+        return _tma.tma_gemm(x, w, bias, t)
     c = _skinny_choice(x, w)
     if c:
         return _skinny.skinny_gemm(x, w, bias, c)
@@ -58,9 +68,9 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) 
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias): our gemv for the few-row shapes where it beats cuBLAS, our tensor-core skinny
-    GEMM for decode batches where it does (both per the tuning table), cuBLAS otherwise (cuBLASLt with a
-    tuned algorithm at decode row counts)."""
+    """x @ w.T (+ bias): our gemv for the few-row shapes where it beats cuBLAS, our tensor-core GEMMs for
+    decode batches where they do (all per the tuning table), cuBLAS otherwise (cuBLASLt with a tuned
+    algorithm at decode row counts)."""
     return _gemv.gemv(x, w, bias) if _on_gemv(x, w) else _matmul(x, w, bias)
 
 
