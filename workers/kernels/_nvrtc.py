@@ -335,15 +335,18 @@ def max_shared_per_block(device: int) -> int:
     return n.value
 
 
-@functools.lru_cache(maxsize=None)
+_shared_limits: dict[int, int] = {}   # kernel function handle -> the dynamic shared memory it may launch with
+
+
 def set_shared_limit(fn: Any, shared_mem: int) -> None:
     """Let `fn` launch with `shared_mem` bytes of dynamic shared memory (past 48 KB with its static shared
-    memory, it must be asked for)."""
-    if shared_mem > 0:
+    memory, it must be asked for). The limit only grows: launches with less keep working."""
+    if shared_mem > _shared_limits.get(fn.ptr, 0):
         rc = _driver().cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), _MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                           ctypes.c_int(shared_mem))
         if rc != 0:
             raise RuntimeError(f"cuFuncSetAttribute({shared_mem} B of shared memory) failed: {_error_name(rc)}")
+        _shared_limits[fn.ptr] = shared_mem
 
 
 def ptr(t: torch.Tensor | None) -> np.uint64:
