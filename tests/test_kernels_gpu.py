@@ -317,6 +317,26 @@ def test_tma_gemm(dtype, M, N, K, choice, bias):
 
 
 @needs_tma
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [3, 16, 64, 97])
+@pytest.mark.parametrize("I,K", [(1000, 4096), (4096, 1032), (8, 64)])
+@pytest.mark.parametrize("choice", [(1, 1, 4), (2, 4, 6), (1, 3, 8)])
+def test_tma_gemm_glu(dtype, M, I, K, choice):
+    """silu(gate) * up in the epilogue: the same bits as the plain GEMM followed by silu_mul (ragged I: the
+    gate box of the last tile reaches into the up rows, whose outputs are never written)."""
+    x = rnd(M, K, dtype=dtype)
+    w = rnd(2 * I, K, dtype=dtype, scale=K ** -0.5)
+    if not tma.fits(choice, M):
+        return
+    poison()
+    y = tma.tma_gemm(x, w, choice=choice, glu=True)
+    assert y.shape == (M, I)
+    assert torch.equal(y, silu_mul(tma.tma_gemm(x, w, choice=choice)))
+    g, u = x.double() @ w[:I].double().T, x.double() @ w[I:].double().T
+    assert rel_err(y, torch.nn.functional.silu(g) * u) < 2 * TOL[dtype]
+
+
+@needs_tma
 def test_tma_gemm_is_deterministic_graph_safe_and_pdl_ordered():
     """Split-K across the cluster gives the same bits run after run; it replays inside a CUDA graph on new
     inputs; and, run right after the kernel that writes its x (PDL), it reads the new x."""
@@ -353,6 +373,8 @@ def test_backend_linear_takes_tma_gemm_where_tuned():
             assert torch.equal(cuda.linear(x, w), tma.tma_gemm(x, w, choice=(2, 4, 6)))
         x = rnd(40, 4096, dtype=torch.bfloat16)
         assert torch.equal(cuda.linear(x, w), skinny_gemm(x, w, choice=(64, 2, 128, 4)))
+        x = rnd(30, 4096, dtype=torch.bfloat16)
+        assert torch.equal(cuda.linear_glu(x, w), tma.tma_gemm(x, w, choice=(2, 4, 6), glu=True))
     finally:
         tuning.set_current(old)
 

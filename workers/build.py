@@ -99,7 +99,8 @@ def kernel_specs(model_config: dict, tp: int, dtype: str, sm: str | None = None)
     dt = TORCH_DTYPES[dtype]
     q, kv = local_heads(cfg, tp, 0)
     specs = [spec("rms_norm", dt), spec("silu_mul", dt), spec("rope_cache", dt),
-             *(spec("gemv", dt, ROWS=r, UNROLL=u) for r, u in GEMV_VARIANTS), *skinny_specs(dt), *tma_specs(dt, sm)]
+             *(spec("gemv", dt, ROWS=r, UNROLL=u) for r, u in GEMV_VARIANTS),
+             *(tma_specs(dt, sm) or skinny_specs(dt))]   # tma_gemm where the GPU has it, else skinny_gemm
     if cfg.head_dim % 8 == 0:
         specs += sorted({attn_spec(dt, cfg.head_dim, len(q) // len(kv), st) for st in STAGE_CHOICES},
                         key=lambda s: s.defines)

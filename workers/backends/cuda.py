@@ -75,8 +75,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 
 
 def linear_glu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up in gemv's epilogue for few rows (no silu_mul kernel); a GEMM + silu_mul otherwise."""
-    return _gemv.gemv(x, w, glu=True) if _on_gemv(x, w) else silu_mul(_matmul(x, w))
+    """silu(gate) * up in the epilogue of gemv (few rows) or tma_gemm (decode batches, where tuned): no
+    silu_mul kernel; a GEMM + silu_mul otherwise."""
+    if _on_gemv(x, w):
+        return _gemv.gemv(x, w, glu=True)
+    t = _tma_choice(x, w)
+    return _tma.tma_gemm(x, w, choice=t, glu=True) if t else silu_mul(_matmul(x, w))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -11,6 +11,7 @@ from workers.kernels import cublaslt as _lt
 from workers.kernels import gemv as _gemv
 from workers.kernels import paged_attention as _attn
 from workers.kernels import skinny_gemm as _skinny
+from workers.kernels import tma_gemm as _tma
 from workers.kernels.tuning import LT_BUCKETS, Tuning
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,41 @@ def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
     return out
 
 
+def tune_tma(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
+             tuned: Tuning | None = None) -> dict[str, dict[int, list[int]]]:
+    """Per "NxK": row bucket -> tma_gemm's fastest choice where it beats what would run otherwise at that
+    many rows (skinny_gemm or the cuBLASLt algorithm `tuned` has for it, else torch's matmul); nothing off
+    sm_90 GPUs."""
+    out: dict[str, dict[int, list[int]]] = {}
+    if not _tma.available():
+        return out
+    tuned = tuned or Tuning()
+    for name, n, k, ws in _weight_sets(shapes, dtype):
+        copies = len(ws)
+        for m in _tma.ROW_BUCKETS:
+            if m <= tuned.gemv_limit(n, k):
+                continue
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            if not _tma.supported(x, ws[0]):
+                continue
+            per = {c: time_ms(lambda i, c=c: _tma.tma_gemm(x, ws[i], choice=c), copies)
+                   for c in _tma.CHOICES if _tma.fits(c, m)}
+            skinny, algo = tuned.skinny_choice(n, k, m), tuned.lt_algo(n, k, m)
+            if skinny is not None:
+                theirs = time_ms(lambda i: _skinny.skinny_gemm(x, ws[i], choice=skinny), copies)
+            elif algo is not None and _lt.usable(x, ws[0], algo):
+                theirs = time_ms(lambda i: _lt.matmul(x, ws[i], algo), copies)
+            else:
+                theirs = time_ms(lambda i: F.linear(x, ws[i]), copies)
+            best = min(per, key=per.get)
+            log.info("tma %s M=%d: other %.4f ms, ours %s", name, m, theirs,
+                     {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
+            if per[best] < theirs:
+                out.setdefault(f"{n}x{k}", {})[m] = list(best)
+        del ws
+    return out
+
+
 def tune_attention(nh: int, nkv: int, hd: int, dtype: torch.dtype, batches: tuple[int, ...],
                    contexts: tuple[int, ...], block_size: int = 16) -> dict[int, tuple[int, int]]:
     """batch -> (splits, stages) of the decode attention with the least summed slowdown over `contexts`
@@ -203,7 +239,10 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
     shapes = linear_shapes(shard_manifest["model_config"], shard_manifest["tp_size"], shard_manifest["tp_rank"])
     tune_gemv_into(t, shapes, dtype)
     t.lt = tune_lt(shapes, dtype)
-    t.skinny = tune_skinny(shapes, dtype, t)
+    if _tma.available():   # on sm_90 tma_gemm takes skinny_gemm's place (it was as fast or faster everywhere)
+        t.tma = tune_tma(shapes, dtype, t)
+    else:
+        t.skinny = tune_skinny(shapes, dtype, t)
     probe_q = torch.empty(1, len(q), cfg.head_dim, dtype=dtype, device="cuda")
     probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
     if _attn.supported(probe_q, probe_k):

@@ -7,6 +7,8 @@
 // 128-byte swizzled, the layout the MMAs read) with TMA copies that complete on an mbarrier per stage;
 // the consumers release a stage on a second mbarrier once their MMAs have read it. The weights' first
 // stages are requested before the PDL wait (no kernel writes weights), x's after it.
+// With glu = I > 0, w is [gate; up] (2I rows) and y[M, I] = silu(x @ gate^T) * (x @ up^T), rounded as the
+// GEMM followed by silu_mul rounds: a block's tile is bn / 2 gate rows and the same bn / 2 up rows.
 // Split-K over the cluster (gridDim.y = cluster size S, portable up to 8): each block sums K / S columns,
 // parks its fp32 tile in its own shared memory, and after a cluster barrier block r adds the S tiles'
 // r-th part in rank order (the same bits on every run) through distributed shared memory and writes y.
@@ -114,6 +116,32 @@ __device__ __forceinline__ void wgmma(float* d, unsigned long long a, unsigned l
 #endif
 }
 
+// Weight rows [n0, n0 + bn) of a stage, or with glu = I, gate rows [n0, n0 + bn / 2) then up rows I + n0 ..
+__device__ __forceinline__ void load_w(unsigned dst, const TensorMap* map, int k, int n0, int glu, int half,
+                                       unsigned bar, unsigned long long policy) {
+  if (glu) {
+    tma_load(dst, map, k, n0, bar, policy);
+    tma_load(dst + half * BK * 2, map, k, glu + n0, bar, policy);
+  } else {
+    tma_load(dst, map, k, n0, bar, policy);
+  }
+}
+
+// The sum over the cluster's blocks 0 .. n-1, in rank order, of 4 floats at shared address `off` in each.
+__device__ __forceinline__ void cluster_sum4(unsigned off, int n, float* v) {
+  v[0] = v[1] = v[2] = v[3] = 0.f;
+  for (int q = 0; q < n; ++q) {
+    unsigned remote;
+    float a0, a1, a2, a3;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(off), "r"(q));
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(a0), "=f"(a1), "=f"(a2), "=f"(a3) : "r"(remote) : "memory");
+    v[0] += a0; v[1] += a1; v[2] += a2; v[3] += a3;
+  }
+}
+
+__device__ __forceinline__ float tma_silu(float g) { return g / (1.f + __expf(-g)); }   // as silu_mul.cu
+
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
@@ -121,7 +149,8 @@ __device__ __forceinline__ void cluster_sync() {
 // Block: wg consumer warpgroups and one producer warp (wg * 128 + 32 threads); grid (N / bn, S), cluster (1, S).
 extern "C" __global__ void __launch_bounds__(MAX_WG * 128 + 32, 1)
 tma_gemm(const __grid_constant__ TensorMap w_map, const __grid_constant__ TensorMap x_map,
-         const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, int M, int N, int k_tiles, int wg, int stages) {
+         const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, int M, int N, int k_tiles, int wg, int stages,
+         int glu) {
   extern __shared__ __align__(1024) unsigned char tma_smem_raw[];
   // mbarriers full[stages] and empty[stages] first; then, 1 KB aligned, stage s's weight tile at
   // base + s * w_tile and its x tile at xbase + s * X_TILE
@@ -131,7 +160,8 @@ tma_gemm(const __grid_constant__ TensorMap w_map, const __grid_constant__ Tensor
   const unsigned base = (raw + 16u * stages + 1023u) & ~1023u;
   const unsigned xbase = base + stages * w_tile;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int n0 = blockIdx.x * bn, split = blockIdx.y, nsplit = gridDim.y;
+  const int half = bn / 2, cols = glu ? half : bn;   // output columns of this block's tile
+  const int n0 = blockIdx.x * cols, split = blockIdx.y, nsplit = gridDim.y;
   const int kt0 = split * k_tiles / nsplit, k_iters = (split + 1) * k_tiles / nsplit - kt0, k0 = kt0 * BK;
   if (tid == 0) {
     for (int s = 0; s < stages; ++s) {
@@ -149,7 +179,7 @@ tma_gemm(const __grid_constant__ TensorMap w_map, const __grid_constant__ Tensor
       const int first = k_iters < stages ? k_iters : stages;
       for (int it = 0; it < first; ++it) {
         mbar_expect_tx(bars + 8 * it, w_tile + X_TILE);
-        tma_load(base + it * w_tile, &w_map, k0 + it * BK, n0, bars + 8 * it, stream);
+        load_w(base + it * w_tile, &w_map, k0 + it * BK, n0, glu, half, bars + 8 * it, stream);
       }
       pdl_wait();   // x is the previous kernel's output
       for (int it = 0; it < first; ++it)
@@ -159,7 +189,7 @@ tma_gemm(const __grid_constant__ TensorMap w_map, const __grid_constant__ Tensor
       for (int it = stages; it < k_iters; ++it) {
         mbar_wait(bars + 8 * (stages + s), phase);
         mbar_expect_tx(bars + 8 * s, w_tile + X_TILE);
-        tma_load(base + s * w_tile, &w_map, k0 + it * BK, n0, bars + 8 * s, stream);
+        load_w(base + s * w_tile, &w_map, k0 + it * BK, n0, glu, half, bars + 8 * s, stream);
         tma_load(xbase + s * X_TILE, &x_map, k0 + it * BK, 0, bars + 8 * s, keep);
         if (++s == stages) { s = 0; phase ^= 1u; }
       }
@@ -206,23 +236,20 @@ tma_gemm(const __grid_constant__ TensorMap w_map, const __grid_constant__ Tensor
       }
   }
   cluster_sync();
-  // this block's share of the tile, 4 consecutive weight rows a unit: units [u0, u1) of MP * bn / 4
-  const int units = MP * (bn / 4), u0 = split * units / nsplit, u1 = (split + 1) * units / nsplit;
+  // this block's share of the tile, 4 consecutive output columns a unit: units [u0, u1) of MP * cols / 4
+  const int units = MP * (cols / 4), u0 = split * units / nsplit, u1 = (split + 1) * units / nsplit;
   const unsigned park_addr = smem_u32(park);
   for (int u = u0 + tid; u < u1; u += nthreads) {
-    const int m = u / (bn / 4), n4 = (u % (bn / 4)) * 4, n = n0 + n4;
+    const int m = u / (cols / 4), n4 = (u % (cols / 4)) * 4, n = n0 + n4;
     if (m >= M || n >= N) continue;
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
     const unsigned off = park_addr + (unsigned)(m * rs + n4) * 4u;
-    for (int q = 0; q < nsplit; ++q) {
-      unsigned remote;
-      float a0, a1, a2, a3;
-      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(off), "r"(q));
-      asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-                   : "=f"(a0), "=f"(a1), "=f"(a2), "=f"(a3) : "r"(remote) : "memory");
-      v[0] += a0; v[1] += a1; v[2] += a2; v[3] += a3;
-    }
-    if (bias != nullptr) {
+    float v[4], up[4];
+    cluster_sum4(off, nsplit, v);
+    if (glu) {
+      cluster_sum4(off + half * 4u, nsplit, up);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[e] = rnd(tma_silu(rnd(v[e]))) * rnd(up[e]);
+    } else if (bias != nullptr) {
       for (int e = 0; e < 4; ++e) v[e] += to_f(bias[n + e]);
     }
     uint2 o;

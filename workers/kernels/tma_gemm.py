@@ -16,7 +16,7 @@ MAX_M = ROW_BUCKETS[-1]
 BK = 64                               # K columns a stage: one 128-byte line of each row
 # (consumer warpgroups of 64 weight rows, K splits = cluster size, stages): what the build times per weight
 # shape and row bucket
-CHOICES = tuple((wg, s, st) for wg in (1, 2) for s in (1, 2, 4, 8) for st in (4, 6, 8))
+CHOICES = tuple((wg, s, st) for wg in (1, 2) for s in (1, 2, 4) for st in (4, 6, 8))   # (8 splits never won)
 _DTYPES = {torch.float16: 6, torch.bfloat16: 9}   # CUtensorMapDataType
 _SWIZZLE_128B, _L2_PROMOTION_256B = 3, 3
 
@@ -81,26 +81,31 @@ def _tensor_map(addr: int, rows: int, cols: int, row_stride: int, box_rows: int,
 
 
 def tma_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-             choice: tuple[int, int, int] | None = None) -> torch.Tensor:
+             choice: tuple[int, int, int] | None = None, *, glu: bool = False) -> torch.Tensor:
     """x[M,K] @ w[N,K]^T (+ bias[N]) -> [M,N] (check `supported` first); `choice` (warpgroups, K splits,
-    stages) defaults to the tuning table's for this shape and row bucket."""
+    stages) defaults to the tuning table's for this shape and row bucket. With `glu`, w is [gate; up] (2I
+    rows, no bias) and the result is silu(x @ gate^T) * (x @ up^T), [M,I], rounded as the GEMM followed by
+    silu_mul rounds."""
     M, K = x.shape
-    N = w.shape[0]
+    N = w.shape[0] // 2 if glu else w.shape[0]
+    if glu and (bias is not None or N % 8):
+        raise ValueError("tma_gemm with glu takes no bias and [gate; up] halves of a multiple of 8 rows")
     mp = row_bucket(M)
-    choice = tuple(choice or tuning.CURRENT.tma_choice(N, K, M) or CHOICES[0])
+    choice = tuple(choice or tuning.CURRENT.tma_choice(w.shape[0], K, M) or CHOICES[0])
     if not fits(choice, M):
         raise ValueError(f"tma_gemm choice {choice} needs {shared_bytes(choice, M)} B of shared memory at {M} "
                          f"rows: more than a block may have here")
     wg, splits, stages = choice
+    cols = 32 * wg if glu else 64 * wg     # output columns a block
     k_tiles = -(-K // BK)
     splits = max(1, min(splits, k_tiles, 8))
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     fn = function(spec("tma_gemm", x.dtype, MP=mp), "tma_gemm")
     smem = shared_bytes(choice, M)
     set_shared_limit(fn, smem)
-    w_map = _tensor_map(w.data_ptr(), N, K, K, 64 * wg, w.dtype)
+    w_map = _tensor_map(w.data_ptr(), w.shape[0], K, K, cols, w.dtype)
     x_map = _tensor_map(x.data_ptr(), M, K, x.stride(0), mp, x.dtype)
-    launch(fn, (-(-N // (64 * wg)), splits), (wg * 128 + 32,),
+    launch(fn, (-(-N // cols), splits), (wg * 128 + 32,),
            (w_map, x_map, ptr(None if bias is None else bias.contiguous()), ptr(y), i32(M), i32(N), i32(k_tiles),
-            i32(wg), i32(stages)), shared_mem=smem, cluster=(1, splits, 1))
+            i32(wg), i32(stages), i32(N if glu else 0)), shared_mem=smem, cluster=(1, splits, 1))
     return y
