@@ -218,29 +218,46 @@ def replay_ms(engine, batch: int, reps: int = 20) -> float | None:
     return sorted(times)[len(times) // 2]
 
 
-def profile_step(engine, batch: int, path: Path) -> None:
-    """Per-kernel device times of one eager decode step (the last step's inputs, PDL off), written to `path`."""
+def _profile(run, path: Path, what: str) -> None:
+    """Per-kernel device times of run() (run once before, PDL off: a kernel launched early would count its
+    wait as its own time), written to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
     from workers.kernels import _nvrtc
 
-    graphs = engine.decode_graphs
-    bucket = next((x for x in graphs.buckets if x >= batch), None)
-    # without programmatic dependent launch: a kernel launched early would count its wait as its own time
     os.environ["ORCH_PDL"] = "0"
     _nvrtc._pdl_enabled.cache_clear()
     try:
-        graphs._forward(bucket)
+        run()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            graphs._forward(bucket)
+            run()
             torch.cuda.synchronize()
     finally:
         del os.environ["ORCH_PDL"]
         _nvrtc._pdl_enabled.cache_clear()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     path.write_text(table)
-    log.info("profile of a batch-%d decode step:\n%s", batch, table)
+    log.info("profile of %s:\n%s", what, table)
+
+
+def profile_step(engine, batch: int, path: Path) -> None:
+    """Per-kernel device times of one eager decode step (the last step's inputs), written to `path`."""
+    graphs = engine.decode_graphs
+    bucket = next((x for x in graphs.buckets if x >= batch), None)
+    _profile(lambda: graphs._forward(bucket), path, f"a batch-{batch} decode step")
+
+
+def profile_prefill(engine, batch: int, isl: int, path: Path) -> None:
+    """Per-kernel device times of one prefill step of `batch` prompts of `isl` random tokens."""
+    from workers.engine import SeqChunk, StepInput
+
+    per_seq = -(-isl // BLOCK_SIZE)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, engine.model_config.vocab_size, (batch, isl), generator=g).tolist()
+    step = StepInput([SeqChunk(i, prompts[i], 0, list(range(i * per_seq, (i + 1) * per_seq)), True)
+                      for i in range(batch)])
+    _profile(lambda: engine.step(step), path, f"a {batch} x {isl} prefill step")
 
 
 def bench_mixed(engine, out_dir: Path, batches=(64, 240), ctx: int = 192, reps: int = 8) -> dict:
@@ -454,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in (1, 64):
             run_workload(engine, b, 128, 4, budget_s=10)
             profile_step(engine, b, Path(args.out).parent / f"profile_bs{b}.txt")
+        profile_prefill(engine, 64, 128, Path(args.out).parent / "profile_prefill_64x128.txt")
     if "mixed" in sections:
         metrics.update(bench_mixed(engine, Path(args.out).parent))
     if "throughput" in sections:
