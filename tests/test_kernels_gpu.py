@@ -106,6 +106,28 @@ def test_rope_and_cache_write(dtype, nh, nkv, hd, bs):
     assert torch.equal(kc.view(-1, nkv, hd)[untouched], kc0.view(-1, nkv, hd)[untouched])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 7, 300])
+def test_rope_vectorized_matches_scalar_bits(dtype, T):
+    """The 8-elements-a-thread kernel gives the scalar kernel's bits, on views of a fused qkv row."""
+    nh, nkv, hd = 32, 8, 128
+    cos, sin = (f.cuda() for f in (torch.rand(512, hd // 2), torch.rand(512, hd // 2)))
+    pos = torch.randint(0, 512, (T,), device="cuda")
+    slots = torch.randperm(64 * 16, device="cuda")[:T]
+    slots[0] = -1
+    outs = []
+    qkv0 = rnd(T, (nh + 2 * nkv) * hd, dtype=dtype)
+    kc0, vc0 = rnd(64, 16, nkv, hd, dtype=dtype), rnd(64, 16, nkv, hd, dtype=dtype)
+    for vec in (True, False):
+        qkv, kc, vc = qkv0.clone(), kc0.clone(), vc0.clone()
+        q, k, v = (t.view(T, -1, hd) for t in qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1))
+        rope_and_cache_write(q, k, v, pos, cos, sin, kc, vc, slots, vectorized=vec)
+        outs.append((qkv, kc, vc))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert not torch.equal(outs[0][0], qkv0)
+
+
 def test_rope_on_views_of_fused_qkv():
     """q/k/v as strided views of one qkv row, as the model's split gives them."""
     T, nh, nkv, hd = 5, 8, 2, 64

@@ -107,6 +107,9 @@ _memo: dict[int, tuple[torch.Tensor, tuple, list[_Group]]] = {}
 # Not cuDNN's attention: it plans per new shape on the host (milliseconds), and a serving step's chunk
 # shapes keep changing; a py-spy profile at 256 streams had a quarter of the engine thread in it.
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# torch >= 2.5 takes K/V with fewer heads than q (enable_gqa); its flash kernel does so without a copy, for
+# causal chunks (an explicit mask would leave flash for a backend that expands them anyway)
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def _plan(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
@@ -154,13 +157,16 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     for g in _plan(cu_seqlens_q, context_lens, block_tables, bs, sliding_window):
         S = g.slots.shape[0]
         k, v = kf[g.slots], vf[g.slots]                                    # [S, ctx, nkv, hd]
-        if nkv != nh:   # GQA: each KV head serves nh // nkv query heads (one copy, no repeat_interleave)
+        gqa = {}
+        if nkv != nh and _SDPA_GQA and g.mask is None:   # GQA inside the flash kernel: no copies
+            gqa = {"enable_gqa": True}
+        elif nkv != nh:   # GQA: each KV head serves nh // nkv query heads (one copy, no repeat_interleave)
             k = k.unsqueeze(3).expand(S, g.ctx, nkv, nh // nkv, hd).reshape(S, g.ctx, nh, hd)
             v = v.unsqueeze(3).expand(S, g.ctx, nkv, nh // nkv, hd).reshape(S, g.ctx, nh, hd)
         qs = (q if g.rows is None else q[g.rows]).reshape(S, g.n, nh, hd).transpose(1, 2)  # [S, nh, n, hd]
         with sdpa_kernel(_SDPA_BACKENDS):
             o = F.scaled_dot_product_attention(qs, k.transpose(1, 2), v.transpose(1, 2), attn_mask=g.mask,
-                                               is_causal=g.mask is None, scale=scale)
+                                               is_causal=g.mask is None, scale=scale, **gqa)
         o = o.transpose(1, 2).reshape(S * g.n, nh, hd)
         if g.rows is None:
             return o
