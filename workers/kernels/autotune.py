@@ -159,15 +159,19 @@ def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
     return out
 
 
+TMA_MARGIN = 0.10   # tma_gemm is kept at a row bucket unless the other GEMM times this much faster alone
+
+
 def tune_tma(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
              tuned: Tuning | None = None) -> dict[str, dict[int, list[int]]]:
-    """Per "NxK": row bucket -> tma_gemm's fastest choice where it beats what would run otherwise at that
-    many rows (skinny_gemm or the cuBLASLt algorithm `tuned` has for it, else torch's matmul); nothing off
-    sm_90 GPUs. Each GEMM is timed as decode runs it, in a chain with a kernel of ours that reads its
-    output (silu(gate) * up: fused into tma_gemm for gate_up, the silu_mul kernel after the others): our
-    kernels start their weight copies while the kernel before them finishes (PDL), cuBLAS's do not, and a
-    timing of the GEMM alone misses that (v46: tma_gemm for every decode GEMM at 64 rows ran the batch-64
-    step 0.2 ms faster than cuBLAS for qkv, o and down, which alone timed up to 6% faster)."""
+    """Per "NxK": row bucket -> tma_gemm's fastest choice unless what would run otherwise at that many rows
+    (skinny_gemm or the cuBLASLt algorithm `tuned` has for it, else torch's matmul) times more than
+    TMA_MARGIN faster; nothing off sm_90 GPUs. gate_up is timed as decode runs it: silu(gate) * up in
+    tma_gemm's epilogue against the other GEMM followed by the silu_mul kernel.
+    Why a margin: in the decode graph our kernels start their weight copies while the kernel before them
+    finishes (PDL) and cuBLAS's do not, which a timing of one GEMM repeated does not show (nor did a chain
+    of GEMM and silu_mul, v48). v46: tma_gemm for qkv, o and down at 64 rows, timed up to 6.5% slower alone,
+    ran the batch-64 decode step 0.2 ms (3%) faster than cuBLAS there."""
     out: dict[str, dict[int, list[int]]] = {}
     if not _tma.available():
         return out
@@ -180,12 +184,8 @@ def tune_tma(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             if not _tma.supported(x, ws[0]):
                 continue
-            if glu:
-                per = {c: time_ms(lambda i, c=c: _tma.tma_gemm(x, ws[i], choice=c, glu=True), copies)
-                       for c in _tma.CHOICES if _tma.fits(c, m)}
-            else:
-                per = {c: time_ms(lambda i, c=c: silu_mul(_tma.tma_gemm(x, ws[i], choice=c)), copies)
-                       for c in _tma.CHOICES if _tma.fits(c, m)}
+            per = {c: time_ms(lambda i, c=c: _tma.tma_gemm(x, ws[i], choice=c, glu=glu), copies)
+                   for c in _tma.CHOICES if _tma.fits(c, m)}
             skinny, algo = tuned.skinny_choice(n, k, m), tuned.lt_algo(n, k, m)
             if skinny is not None:
                 other = lambda i: _skinny.skinny_gemm(x, ws[i], choice=skinny)   # noqa: E731
@@ -193,11 +193,11 @@ def tune_tma(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
                 other = lambda i: _lt.matmul(x, ws[i], algo)   # noqa: E731
             else:
                 other = lambda i: F.linear(x, ws[i])   # noqa: E731
-            theirs = time_ms(lambda i: silu_mul(other(i)), copies)
+            theirs = time_ms((lambda i: silu_mul(other(i))) if glu else other, copies)
             best = min(per, key=per.get)
             log.info("tma %s M=%d: other %.4f ms, ours %s", name, m, theirs,
                      {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
-            if per[best] < theirs:
+            if per[best] <= theirs * (1 + TMA_MARGIN):
                 out.setdefault(f"{n}x{k}", {})[m] = list(best)
         del ws
     return out
