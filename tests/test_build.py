@@ -89,8 +89,8 @@ def test_tuning_table_round_trip_and_lookup():
     assert t.gemv_choice(6144, 4096) == (1, 4, False)
     assert [t.skinny_choice(4096, 4096, m) for m in (2, 16, 17, 33, 64, 65, 129)] == \
         [(64, 4, 64, 4), (64, 4, 64, 4), None, (128, 2, 128, 3), (128, 2, 128, 3), None, None]            # row buckets 16 / 32 / 64 / 128
-    assert [t.lt_algo(4096, 14336, m) is not None for m in (1, 32, 33, 64, 65, 129, 256, 257)] == \
-        [False, False, True, True, False, True, True, False]   # row buckets 16 / 32 / 64 / 128 / 256
+    assert [t.lt_algo(4096, 14336, m) is not None for m in (1, 32, 33, 64, 65, 129, 256, 257, 8192, 8193)] == \
+        [False, False, True, True, False, True, True, False, False, False]   # row buckets 16 / 32 / ... / 8192
     assert t.lt_algo(4096, 14336, 200) == list(range(8)) and t.lt_algo(4096, 4096, 64) is None
     assert [t.tma_choice(28672, 4096, m) for m in (1, 8, 9, 33, 64, 65, 129)] == \
         [(2, 4, 6), (2, 4, 6), None, (1, 1, 6), (1, 1, 6), None, None]   # row buckets 8 / 16 / 32 / 64 / 128

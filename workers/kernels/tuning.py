@@ -108,7 +108,8 @@ def _per_batch(table: dict[int, Any], batch: int) -> Any:
     return table[next((k for k in known if k >= batch), known[-1])]
 
 
-LT_BUCKETS = (16, 32, 64, 128, 256)   # row counts cuBLASLt algorithms are chosen at (M runs on the next one up)
+# row counts cuBLASLt algorithms are chosen at (M runs on the next one up): decode batches, then prefill steps
+LT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 CURRENT = Tuning()
 
 
