@@ -33,7 +33,9 @@ def _libnvrtc():
 def _variants():
     specs = []
     for dt in ("bfloat16", "float16", "float32"):
-        specs += kernel_specs(parse_model_config(LLAMA_8B).to_dict(), 1, dt, "sm_90")
+        cfg = parse_model_config(LLAMA_8B).to_dict()
+        specs += kernel_specs(cfg, 1, dt, "sm_90")
+        specs += [s for s in kernel_specs(cfg, 1, dt, "sm_80") if s.family == "skinny_gemm"]   # (GPUs without wgmma)
     specs += [spec("paged_attention", torch.float32, HD=64, GROUP=g) for g in (1, 2, 8)]
     return specs
 

@@ -3,12 +3,13 @@
 // cos/sin are float32 [max_pos, hd/2]; they are rounded to the element type first, and each product
 // and sum is rounded, as torch does in that type. grid (T, Y): the Y blocks of a token share its pairs.
 // Token strides (in elements) let q/k/v be views into a fused qkv row; heads are contiguous inside.
-extern "C" __global__ void rope_cache_write(scalar_t* __restrict__ q, scalar_t* __restrict__ k,
-                                            const scalar_t* __restrict__ v, const long long* __restrict__ positions,
-                                            const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                            scalar_t* __restrict__ k_cache, scalar_t* __restrict__ v_cache,
-                                            const long long* __restrict__ slots, int nh, int nkv, int hd,
-                                            long long q_stride, long long k_stride, long long v_stride) {
+#define ROPE_CACHE_PARAMS                                                                                   \
+  scalar_t* __restrict__ q, scalar_t* __restrict__ k, const scalar_t* __restrict__ v,                         \
+      const long long* __restrict__ positions, const float* __restrict__ cos_t, const float* __restrict__ sin_t, \
+      scalar_t* __restrict__ k_cache, scalar_t* __restrict__ v_cache, const long long* __restrict__ slots,    \
+      int nh, int nkv, int hd, long long q_stride, long long k_stride, long long v_stride
+
+extern "C" __global__ void rope_cache_write(ROPE_CACHE_PARAMS) {
   pdl_start();
   const long long t = blockIdx.x;
   const int half = hd >> 1;
@@ -44,12 +45,7 @@ extern "C" __global__ void rope_cache_write(scalar_t* __restrict__ q, scalar_t* 
 #if DTYPE != 0
 // The same, 8 elements a thread (16-byte loads and stores; hd / 2 a multiple of 8, token strides and
 // pointers 16-byte aligned): the same roundings, so the same bits.
-extern "C" __global__ void rope_cache_write8(scalar_t* __restrict__ q, scalar_t* __restrict__ k,
-                                             const scalar_t* __restrict__ v, const long long* __restrict__ positions,
-                                             const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                             scalar_t* __restrict__ k_cache, scalar_t* __restrict__ v_cache,
-                                             const long long* __restrict__ slots, int nh, int nkv, int hd,
-                                             long long q_stride, long long k_stride, long long v_stride) {
+extern "C" __global__ void rope_cache_write8(ROPE_CACHE_PARAMS) {
   pdl_start();
   const long long t = blockIdx.x;
   const int half = hd >> 1, groups = half >> 3;   // 8-element groups in each half of a head
