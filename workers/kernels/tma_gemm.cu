@@ -127,16 +127,37 @@ __device__ __forceinline__ void load_w(unsigned dst, const TensorMap* map, int k
   }
 }
 
-// The sum over the cluster's blocks 0 .. n-1, in rank order, of 4 floats at shared address `off` in each.
-__device__ __forceinline__ void cluster_sum4(unsigned off, int n, float* v) {
+#define MAX_SPLITS 8   // cluster blocks along K (portable cluster size)
+
+__device__ __forceinline__ float4 ld_cluster4(unsigned off, int rank) {   // 16 bytes of block `rank`'s shared memory
+  unsigned remote;
+  float4 r;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(off), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w)
+               : "r"(remote));
+  return r;
+}
+
+// The sums over the cluster's blocks 0 .. n-1, in rank order, of 4 floats at shared address `off` (and, with
+// `two`, at `off2`) in each: every block's values are requested before the first is added, so the remote
+// loads are in flight together (one at a time, their latency added up over the blocks).
+__device__ __forceinline__ void cluster_sum4(unsigned off, unsigned off2, bool two, int n, float* v, float* v2) {
+  float4 a[MAX_SPLITS], b[MAX_SPLITS];
+#pragma unroll
+  for (int q = 0; q < MAX_SPLITS; ++q) {
+    if (q < n) {
+      a[q] = ld_cluster4(off, q);
+      if (two) b[q] = ld_cluster4(off2, q);
+    }
+  }
   v[0] = v[1] = v[2] = v[3] = 0.f;
-  for (int q = 0; q < n; ++q) {
-    unsigned remote;
-    float a0, a1, a2, a3;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(off), "r"(q));
-    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-                 : "=f"(a0), "=f"(a1), "=f"(a2), "=f"(a3) : "r"(remote) : "memory");
-    v[0] += a0; v[1] += a1; v[2] += a2; v[3] += a3;
+  v2[0] = v2[1] = v2[2] = v2[3] = 0.f;
+#pragma unroll
+  for (int q = 0; q < MAX_SPLITS; ++q) {
+    if (q < n) {
+      v[0] += a[q].x; v[1] += a[q].y; v[2] += a[q].z; v[3] += a[q].w;
+      if (two) { v2[0] += b[q].x; v2[1] += b[q].y; v2[2] += b[q].z; v2[3] += b[q].w; }
+    }
   }
 }
 
@@ -244,9 +265,8 @@ tma_gemm(const __grid_constant__ TensorMap w_map, const __grid_constant__ Tensor
     if (m >= M || n >= N) continue;
     const unsigned off = park_addr + (unsigned)(m * rs + n4) * 4u;
     float v[4], up[4];
-    cluster_sum4(off, nsplit, v);
+    cluster_sum4(off, off + half * 4u, glu != 0, nsplit, v, up);
     if (glu) {
-      cluster_sum4(off + half * 4u, nsplit, up);
 #pragma unroll
       for (int e = 0; e < 4; ++e) v[e] = rnd(tma_silu(rnd(v[e]))) * rnd(up[e]);
     } else if (bias != nullptr) {
