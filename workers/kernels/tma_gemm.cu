@@ -184,6 +184,10 @@ tma_gemm(const __grid_constant__ TensorMap w_map, const __grid_constant__ Tensor
   const int half = bn / 2, cols = glu ? half : bn;   // output columns of this block's tile
   const int n0 = blockIdx.x * cols, split = blockIdx.y, nsplit = gridDim.y;
   const int kt0 = split * k_tiles / nsplit, k_iters = (split + 1) * k_tiles / nsplit - kt0, k0 = kt0 * BK;
+  if (tid == wg * 128) {   // the producer's thread: fetch the tensor maps while the barriers are set up
+    asm volatile("prefetch.tensormap [%0];" :: "l"((unsigned long long)&w_map) : "memory");
+    asm volatile("prefetch.tensormap [%0];" :: "l"((unsigned long long)&x_map) : "memory");
+  }
   if (tid == 0) {
     for (int s = 0; s < stages; ++s) {
       mbar_init(bars + 8 * s, 1);
