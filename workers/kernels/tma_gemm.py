@@ -28,7 +28,11 @@ def row_bucket(m: int) -> int:
 
 def available(device: int | None = None) -> bool:
     """Whether this GPU runs tma_gemm: an sm_90 (its wgmma instructions exist there only), clusters."""
-    device = torch.cuda.current_device() if device is None else device
+    return _available(torch.cuda.current_device() if device is None else device)
+
+
+@functools.lru_cache(maxsize=None)
+def _available(device: int) -> bool:
     return arch(device) == "sm_90" and clusters_supported(device)
 
 
