@@ -110,14 +110,21 @@ def load_engine(engine_dir: Path, kv_reserve_gb: float = 6.0):
     return Engine(engine_dir, device="cuda", num_kv_blocks=blocks, block_size=BLOCK_SIZE)
 
 
+def synchronizer(device: str | torch.device):
+    """A call that waits for `device`'s queued work: torch.cuda.synchronize on a GPU, nothing on the CPU."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
 def run_workload(engine, batch: int, isl: int, osl: int, budget_s: float, prefill_tokens: int = 8192,
-                 seed: int = 0, ahead: bool = True) -> dict:
+                 seed: int = 0, ahead: bool = True, warm: bool = True) -> dict:
     """Prefill `batch` prompts of isl tokens (chunked), then greedy-decode; stops decoding when the
     time budget is spent. The first decode step is left out of the timing and of the token count
-    (it may capture a CUDA graph). `ahead`: each decode step is launched before the previous one's
+    (it may capture a CUDA graph). `warm`: one untimed prefill step of the timed run's first step's
+    shape runs before it (the first prefill of a shape in a process is slower: the transformers
+    baseline is timed warm too). `ahead`: each decode step is launched before the previous one's
     tokens are read back (its inputs are that step's argmax on the device, as the scheduler runs
-    ahead); else lockstep. Either way every step's tokens are read back. Returns timings and the
-    tokens counted."""
+    ahead; needs a GPU); else lockstep. Either way every step's tokens are read back. Returns timings,
+    the tokens counted and each sequence's last token."""
     from workers.engine import SeqChunk, StepInput
 
     g = torch.Generator().manual_seed(seed)
@@ -125,7 +132,11 @@ def run_workload(engine, batch: int, isl: int, osl: int, budget_s: float, prefil
     per_seq = -(-(isl + osl) // BLOCK_SIZE)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
     prompts = torch.randint(0, vocab, (batch, isl), generator=g).tolist()
-    torch.cuda.synchronize()
+    sync = synchronizer(engine.device)
+    if warm:   # its K/V go to the blocks the timed prefill then overwrites
+        n, size = min(batch, max(1, prefill_tokens // isl)), min(isl, prefill_tokens)
+        engine.step(StepInput([SeqChunk(i, prompts[i][:size], 0, tables[i], size == isl) for i in range(n)]))
+    sync()
     t0 = time.perf_counter()
     last = [0] * batch
     done = [0] * batch
@@ -150,7 +161,7 @@ def run_workload(engine, batch: int, isl: int, osl: int, budget_s: float, prefil
         last = ids.tolist()
     steps = 1 if osl > 1 else 0
     t1 = time.perf_counter()
-    host = torch.empty(batch, dtype=torch.int64, pin_memory=True)
+    host = torch.empty(batch, dtype=torch.int64, pin_memory=True) if ahead else None
     for step in range(1, osl - 1):
         if ahead:   # copy step-1's tokens back in stream order, launch this step on them, then read them
             host.copy_(ids, non_blocking=True)
@@ -169,7 +180,7 @@ def run_workload(engine, batch: int, isl: int, osl: int, budget_s: float, prefil
     t_decode = time.perf_counter() - t1
     timed = max(0, steps - 1)
     return {"prefill_s": t_prefill, "decode_s": t_decode, "decode_steps": timed, "osl_run": steps + 1,
-            "output_tokens": batch * (timed + 1)}
+            "output_tokens": batch * (timed + 1), "last_tokens": last}
 
 
 def max_batch_for(engine, isl: int, osl: int, want: int) -> int:
@@ -208,29 +219,46 @@ def replay_ms(engine, batch: int, reps: int = 20) -> float | None:
     return sorted(times)[len(times) // 2]
 
 
-def profile_step(engine, batch: int, path: Path) -> None:
-    """Per-kernel device times of one eager decode step (the last step's inputs, PDL off), written to `path`."""
+def _profile(run, path: Path, what: str) -> None:
+    """Per-kernel device times of run() (run once before, PDL off: a kernel launched early would count its
+    wait as its own time), written to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
     from workers.kernels import _nvrtc
 
-    graphs = engine.decode_graphs
-    bucket = next((x for x in graphs.buckets if x >= batch), None)
-    # without programmatic dependent launch: a kernel launched early would count its wait as its own time
     os.environ["ORCH_PDL"] = "0"
     _nvrtc._pdl_enabled.cache_clear()
     try:
-        graphs._forward(bucket)
+        run()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            graphs._forward(bucket)
+            run()
             torch.cuda.synchronize()
     finally:
         del os.environ["ORCH_PDL"]
         _nvrtc._pdl_enabled.cache_clear()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     path.write_text(table)
-    log.info("profile of a batch-%d decode step:\n%s", batch, table)
+    log.info("profile of %s:\n%s", what, table)
+
+
+def profile_step(engine, batch: int, path: Path) -> None:
+    """Per-kernel device times of one eager decode step (the last step's inputs), written to `path`."""
+    graphs = engine.decode_graphs
+    bucket = next((x for x in graphs.buckets if x >= batch), None)
+    _profile(lambda: graphs._forward(bucket), path, f"a batch-{batch} decode step")
+
+
+def profile_prefill(engine, batch: int, isl: int, path: Path) -> None:
+    """Per-kernel device times of one prefill step of `batch` prompts of `isl` random tokens."""
+    from workers.engine import SeqChunk, StepInput
+
+    per_seq = -(-isl // BLOCK_SIZE)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, engine.model_config.vocab_size, (batch, isl), generator=g).tolist()
+    step = StepInput([SeqChunk(i, prompts[i], 0, list(range(i * per_seq, (i + 1) * per_seq)), True)
+                      for i in range(batch)])
+    _profile(lambda: engine.step(step), path, f"a {batch} x {isl} prefill step")
 
 
 def bench_mixed(engine, out_dir: Path, batches=(64, 240), ctx: int = 192, reps: int = 8) -> dict:
@@ -330,7 +358,7 @@ def bench_throughput(engine, workloads, batches, budget_s: float,
                 metrics[key + "_osl_run"] = r["osl_run"]
                 notes.append(f"{key}: decode stopped after {r['osl_run']} of {osl} output tokens "
                              f"({budget_s:.0f} s budget per run); throughput is over the tokens produced")
-            log.info("%s: %.1f tok/s (%s)", key, tput, r)
+            log.info("%s: %.1f tok/s (%s)", key, tput, {k: v for k, v in r.items() if k != "last_tokens"})
     return metrics, notes
 
 
@@ -354,7 +382,7 @@ def bench_hf(batches=(1, 64), isl: int = 128, new_tokens: int = 128, reps: int =
     cfg = transformers.LlamaConfig(**{k: v for k, v in conf.items() if k != "architectures"},
                                    attn_implementation=attention)
     on_gpu = torch.device(device).type == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync = synchronizer(device)
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
@@ -444,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in (1, 64):
             run_workload(engine, b, 128, 4, budget_s=10)
             profile_step(engine, b, Path(args.out).parent / f"profile_bs{b}.txt")
+        profile_prefill(engine, 64, 128, Path(args.out).parent / "profile_prefill_64x128.txt")
     if "mixed" in sections:
         metrics.update(bench_mixed(engine, Path(args.out).parent))
     if "throughput" in sections:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.kernels import cublaslt, gemv, paged_attention, rms_norm, rope_cache, silu_mul, skinny_gemm  # noqa: E402
+from workers.kernels import (cublaslt, gemv, paged_attention, rms_norm, rope_cache, silu_mul, skinny_gemm,  # noqa: E402
+                             tma_gemm)
 from workers.kernels.autotune import time_ms  # noqa: E402
 from workers.kernels.tuning import LT_BUCKETS  # noqa: E402
 
@@ -51,24 +52,45 @@ def bench_gemv(out: dict) -> None:
         del ws
 
 
-def bench_skinny(out: dict) -> None:
-    """skinny_gemm at decode batch rows against cuBLAS: weight bandwidth, every choice and the best."""
+def _bench_choices(out: dict, tag: str, buckets, choices, run, fits, label: str, lt: bool = False) -> None:
+    """A decode GEMM of ours at each row bucket against cuBLAS (and, with `lt`, cuBLASLt's best offered
+    algorithm) in the same run: weight bandwidth of every choice that fits and of the best. run(x, w, choice),
+    fits(choice, m); `label` formats a choice into its metric names."""
     dt = torch.bfloat16
     for name, (n, k) in SHAPES.items():
         ws = _rotated_weights(n, k, dt)
         copies, gb = len(ws), n * k * 2 / 1e9
-        for m in skinny_gemm.ROW_BUCKETS:
+        for m in buckets:
             x = torch.randn(m, k, device="cuda", dtype=dt)
-            per = {c: time_ms(lambda i, c=c: skinny_gemm.skinny_gemm(x, ws[i], choice=c), copies, reps=30)
-                   for c in skinny_gemm.CHOICES if skinny_gemm.fits(c, m, dt)}
+            per = {c: time_ms(lambda i, c=c: run(x, ws[i], c), copies, reps=30) for c in choices if fits(c, m)}
             for c, ms in per.items():
-                out[f"skinny_{name}_m{m}_bn{c[0]}_split{c[1]}_bk{c[2]}_st{c[3]}_gb_s"] = round(gb / (ms / 1e3), 1)
+                out[f"{tag}_{name}_m{m}_{label.format(*c)}_gb_s"] = round(gb / (ms / 1e3), 1)
             best = min(per, key=per.get)
-            out[f"skinny_{name}_m{m}_best_gb_s"] = round(gb / (per[best] / 1e3), 1)
-            out[f"skinny_{name}_m{m}_best_choice"] = "bn{}_split{}_bk{}_st{}".format(*best)
+            out[f"{tag}_{name}_m{m}_best_gb_s"] = round(gb / (per[best] / 1e3), 1)
+            out[f"{tag}_{name}_m{m}_best_choice"] = label.format(*best)
             cub = time_ms(lambda i: F.linear(x, ws[i]), copies, reps=30)
             out[f"cublas_{name}_m{m}_gb_s"] = round(gb / (cub / 1e3), 1)
+            algos = cublaslt.algorithms(x, ws[0]) if lt and cublaslt.supported(x, ws[0]) else []
+            if algos:
+                t = min(time_ms(lambda i, a=a: cublaslt.matmul(x, ws[i], a), copies, reps=30) for a in algos)
+                out[f"cublaslt_best_{name}_m{m}_gb_s"] = round(gb / (t / 1e3), 1)
+            print(f"{tag} {name} m{m}: best {out[f'{tag}_{name}_m{m}_best_gb_s']} GB/s ({label.format(*best)}), "
+                  f"cuBLAS {out[f'cublas_{name}_m{m}_gb_s']}, cuBLASLt best "
+                  f"{out.get(f'cublaslt_best_{name}_m{m}_gb_s')}", flush=True)
         del ws
+
+
+def bench_skinny(out: dict) -> None:
+    """skinny_gemm at decode batch rows against cuBLAS: weight bandwidth, every choice and the best."""
+    _bench_choices(out, "skinny", skinny_gemm.ROW_BUCKETS, skinny_gemm.CHOICES,
+                   lambda x, w, c: skinny_gemm.skinny_gemm(x, w, choice=c),
+                   lambda c, m: skinny_gemm.fits(c, m, torch.bfloat16), "bn{}_split{}_bk{}_st{}")
+
+
+def bench_tma(out: dict) -> None:
+    """tma_gemm at decode batch rows against cuBLAS (torch's and cuBLASLt's best offered algorithm)."""
+    _bench_choices(out, "tma", tma_gemm.ROW_BUCKETS, tma_gemm.CHOICES,
+                   lambda x, w, c: tma_gemm.tma_gemm(x, w, choice=c), tma_gemm.fits, "wg{}_split{}_st{}", lt=True)
 
 
 def bench_lt(out: dict) -> None:
@@ -77,7 +99,7 @@ def bench_lt(out: dict) -> None:
     for name, (n, k) in SHAPES.items():
         ws = _rotated_weights(n, k, dt, k ** -0.5)
         copies, gb = len(ws), n * k * 2 / 1e9
-        for m in LT_BUCKETS:
+        for m in (b for b in LT_BUCKETS if b <= 256):   # decode batches (prefill rows: bench_gemm)
             x = torch.randn(m, k, device="cuda", dtype=dt)
             algos = cublaslt.algorithms(x, ws[0])
             per = [time_ms(lambda i, a=a: cublaslt.matmul(x, ws[i], a), copies, reps=30) for a in algos]
@@ -202,11 +224,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--sections", default="small,attention,gemv,skinny",
-                   help="comma-separated: small, attention, gemv, skinny, lt, chain")
+                   help="comma-separated: small, attention, gemv, skinny, tma, lt, chain")
     args = p.parse_args()
     out: dict = {}
     sections = {"small": bench_small, "attention": bench_attention, "gemv": bench_gemv, "skinny": bench_skinny,
-                "lt": bench_lt, "chain": bench_chain}
+                "tma": bench_tma, "lt": bench_lt, "chain": bench_chain}
     for fn in (sections[s] for s in args.sections.split(",")):
         t0 = time.perf_counter()
         fn(out)

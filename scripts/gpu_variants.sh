@@ -2,9 +2,10 @@
 # Several versions of the code measured in one device call. Side "base" is the working tree; each folder
 # variants/NAME/ (the repository's paths, holding that variant's versions of the files it changes: see
 # scripts/make_variant.sh) is copied over the tree as side NAME. Optionally each side's GPU tests first
-# (TESTS_K: a pytest -k expression; TESTS_K_<side> overrides it for one side, '-' in the side's name written
-# as '_', 'all' runs every GPU test, empty skips the side; PAR_TESTS=1 runs the sides' tests concurrently), then bench_decode run round-robin (ROUNDS rounds,
-# default 2), results under $OUT as NAME_<side><round>.json and a summary of the graph replay times at the end.
+# (TESTS_K: a pytest -k expression; TESTS_K_<side> overrides it for one side, '-' in the side's name
+# written as '_', 'all' runs every GPU test, empty skips the side; PAR_TESTS=1 runs the sides' tests
+# concurrently), then bench_decode run round-robin (ROUNDS rounds, default 2), results under $OUT as
+# NAME_<side><round>.json and a summary of the graph replay times at the end.
 #   scripts/gpu_variants.sh RUN_NAME [bench_decode args...]      e.g. --sections copy,build,bs1
 # variants/ is git-ignored: name it in the device call's carry (with .devbundle).
 set -uo pipefail

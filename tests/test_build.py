@@ -39,6 +39,16 @@ def test_build_key_follows_shard_stack_and_sources():
     assert build_key(m, dict(ENV, unrelated="y"), "src1") == k          # runtime settings take no part
 
 
+def test_kernel_specs_take_tma_gemm_on_sm90_only():
+    """sm_90 builds compile tma_gemm (one variant per row bucket) in skinny_gemm's place; others skinny_gemm."""
+    cfg = parse_model_config(tiny_config("llama", num_attention_heads=8, num_key_value_heads=2)).to_dict()
+    on90 = [s.family for s in kernel_specs(cfg, 1, "bfloat16", "sm_90")]
+    on80 = [s.family for s in kernel_specs(cfg, 1, "bfloat16", "sm_80")]
+    assert on90.count("tma_gemm") == 5 and "skinny_gemm" not in on90
+    assert on80.count("skinny_gemm") == 8 and "tma_gemm" not in on80
+    assert "tma_gemm" not in [s.family for s in kernel_specs(cfg, 1, "float32", "sm_90")]
+
+
 def test_kernel_specs_follow_model_shape():
     cfg = parse_model_config(tiny_config("llama", num_attention_heads=8, num_key_value_heads=2)).to_dict()
     specs = kernel_specs(cfg, 1, "bfloat16")
@@ -67,7 +77,8 @@ def test_tuning_table_round_trip_and_lookup():
     t = Tuning(attention_splits={1: 32, 8: 4, 64: 1}, attention_stages={1: 0, 8: 3, 64: 2}, gemv_max_m={"4096x4096": 3}, default_gemv_max_m=2,
                gemv_rows={"4096x4096": 4, "6144x4096": 1}, gemv_unroll={"6144x4096": 4},
                gemv_gpu_grid={"6144x4096": False}, skinny={"4096x4096": {16: [64, 4, 64, 4], 64: [128, 2, 128, 3]}},
-               lt={"4096x14336": {64: [7, 1, 2, 3, 4, 5, 6, 2 ** 63 + 9], 256: list(range(8))}})
+               lt={"4096x14336": {64: [7, 1, 2, 3, 4, 5, 6, 2 ** 63 + 9], 256: list(range(8))}},
+               tma={"28672x4096": {8: [2, 4, 6], 64: [1, 1, 6]}})
     back = Tuning.from_dict(json.loads(json.dumps(t.to_dict())))
     assert back == t
     assert [t.splits_for(b, 8) for b in (1, 2, 8, 9, 64, 300)] == [32, 4, 4, 1, 1, 1]
@@ -78,9 +89,11 @@ def test_tuning_table_round_trip_and_lookup():
     assert t.gemv_choice(6144, 4096) == (1, 4, False)
     assert [t.skinny_choice(4096, 4096, m) for m in (2, 16, 17, 33, 64, 65, 129)] == \
         [(64, 4, 64, 4), (64, 4, 64, 4), None, (128, 2, 128, 3), (128, 2, 128, 3), None, None]            # row buckets 16 / 32 / 64 / 128
-    assert [t.lt_algo(4096, 14336, m) is not None for m in (1, 32, 33, 64, 65, 129, 256, 257)] == \
-        [False, False, True, True, False, True, True, False]   # row buckets 16 / 32 / 64 / 128 / 256
+    assert [t.lt_algo(4096, 14336, m) is not None for m in (1, 32, 33, 64, 65, 129, 256, 257, 8192, 8193)] == \
+        [False, False, True, True, False, True, True, False, False, False]   # row buckets 16 / 32 / ... / 8192
     assert t.lt_algo(4096, 14336, 200) == list(range(8)) and t.lt_algo(4096, 4096, 64) is None
+    assert [t.tma_choice(28672, 4096, m) for m in (1, 8, 9, 33, 64, 65, 129)] == \
+        [(2, 4, 6), (2, 4, 6), None, (1, 1, 6), (1, 1, 6), None, None]   # row buckets 8 / 16 / 32 / 64 / 128
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

@@ -6,7 +6,7 @@ import ctypes
 import numpy as np
 import torch
 
-from workers.kernels._nvrtc import f32, i32, i64, kernel_params, ptr
+from workers.kernels._nvrtc import TensorMapArg, f32, i32, i64, kernel_params, ptr
 
 
 def test_kernel_params_point_at_each_argument_as_the_kernel_reads_it():
@@ -23,6 +23,18 @@ def test_kernel_params_point_at_each_argument_as_the_kernel_reads_it():
         got = r.from_address(int(p)).value
         assert got == (a.item() if r is not ctypes.c_float else np.float32(a).item())
     assert kernel_params(())[0].shape == (0,)
+    del values
+
+
+def test_kernel_params_carry_tensor_maps_by_value():
+    """A 128-byte tensor map between other arguments: its pointer reaches all 128 bytes, the others still
+    read back (the driver copies each value to its place in the kernel's parameters)."""
+    blob = TensorMapArg(bytes(range(128)))
+    params, values = kernel_params((blob, i32(5), TensorMapArg(bytes(128 * [7])), ptr(None)))
+    assert ctypes.string_at(int(params[0]), 128) == bytes(range(128))
+    assert ctypes.c_int32.from_address(int(params[1])).value == 5
+    assert ctypes.string_at(int(params[2]), 128) == bytes(128 * [7])
+    assert ctypes.c_uint64.from_address(int(params[3])).value == 0
     del values
 
 

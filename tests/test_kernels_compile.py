@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from workers.build import kernel_specs
-from workers.kernels._nvrtc import OPTIONS, spec
+from workers.kernels._nvrtc import OPTIONS, spec, target
 from workers.models.config import parse_model_config
 
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -33,7 +33,9 @@ def _libnvrtc():
 def _variants():
     specs = []
     for dt in ("bfloat16", "float16", "float32"):
-        specs += kernel_specs(parse_model_config(LLAMA_8B).to_dict(), 1, dt)
+        cfg = parse_model_config(LLAMA_8B).to_dict()
+        specs += kernel_specs(cfg, 1, dt, "sm_90")
+        specs += [s for s in kernel_specs(cfg, 1, dt, "sm_80") if s.family == "skinny_gemm"]   # (GPUs without wgmma)
     specs += [spec("paged_attention", torch.float32, HD=64, GROUP=g) for g in (1, 2, 8)]
     return specs
 
@@ -45,7 +47,7 @@ def test_kernel_compiles_for_sm90(s):
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), s.source().encode(), f"{s.family}.cu".encode(), 0,
                                   None, None) == 0
     try:
-        opts = [b"--gpu-architecture=sm_90", *(o.encode() for o in OPTIONS)]
+        opts = [f"--gpu-architecture={target(s, 'sm_90')}".encode(), *(o.encode() for o in OPTIONS)]
         rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         size = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))

@@ -20,6 +20,7 @@ from workers.kernels.rms_norm import rms_norm  # noqa: E402
 from workers.kernels.rope_cache import rope_and_cache_write  # noqa: E402
 from workers.kernels.silu_mul import silu_mul  # noqa: E402
 from workers.kernels.skinny_gemm import fits as skinny_fits, skinny_gemm, supported as skinny_supported  # noqa: E402
+from workers.kernels import tma_gemm as tma  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -103,6 +104,28 @@ def test_rope_and_cache_write(dtype, nh, nkv, hd, bs):
     untouched = torch.ones((nblocks + 1) * bs, dtype=torch.bool, device="cuda")
     untouched[slots[keep]] = False
     assert torch.equal(kc.view(-1, nkv, hd)[untouched], kc0.view(-1, nkv, hd)[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 7, 300])
+def test_rope_vectorized_matches_scalar_bits(dtype, T):
+    """The 8-elements-a-thread kernel gives the scalar kernel's bits, on views of a fused qkv row."""
+    nh, nkv, hd = 32, 8, 128
+    cos, sin = (f.cuda() for f in (torch.rand(512, hd // 2), torch.rand(512, hd // 2)))
+    pos = torch.randint(0, 512, (T,), device="cuda")
+    slots = torch.randperm(64 * 16, device="cuda")[:T]
+    slots[0] = -1
+    outs = []
+    qkv0 = rnd(T, (nh + 2 * nkv) * hd, dtype=dtype)
+    kc0, vc0 = rnd(64, 16, nkv, hd, dtype=dtype), rnd(64, 16, nkv, hd, dtype=dtype)
+    for vec in (True, False):
+        qkv, kc, vc = qkv0.clone(), kc0.clone(), vc0.clone()
+        q, k, v = (t.view(T, -1, hd) for t in qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1))
+        rope_and_cache_write(q, k, v, pos, cos, sin, kc, vc, slots, vectorized=vec)
+        outs.append((qkv, kc, vc))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert not torch.equal(outs[0][0], qkv0)
 
 
 def test_rope_on_views_of_fused_qkv():
@@ -287,6 +310,95 @@ def test_skinny_gemm_split_k_is_deterministic_and_graph_safe():
         torch.cuda.synchronize()
         assert torch.equal(y, skinny_gemm(x, w, choice=(128, 8, 128, 3)))
         assert rel_err(y, ref.gemv(x.double(), w.double())) < 1e-2
+
+
+needs_tma = pytest.mark.skipif(not tma.available(), reason="tma_gemm runs on sm_90 GPUs only")
+
+
+@needs_tma
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 8, 13, 16, 33, 64, 100, 128])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (136, 1032), (1000, 14336), (8, 24)])
+@pytest.mark.parametrize("choice", [(1, 1, 4), (2, 1, 8), (1, 3, 6), (2, 8, 4), (1, 8, 8)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_tma_gemm(dtype, M, N, K, choice, bias):
+    """Rows padded to their bucket (read as zeros past M), ragged N and K tiles (zeros past the edge),
+    split-K reduced across the cluster (uneven splits), a row stride other than K, bias."""
+    x = rnd(M, K + 8, dtype=dtype)[:, :K]
+    w = rnd(N, K, dtype=dtype, scale=K ** -0.5)
+    b = rnd(N, dtype=dtype) if bias else None
+    assert tma.supported(x, w)
+    if not tma.fits(choice, M):
+        with pytest.raises(ValueError, match="shared memory"):
+            tma.tma_gemm(x, w, b, choice=choice)
+        return
+    poison()
+    y = tma.tma_gemm(x, w, b, choice=choice)
+    assert y.shape == (M, N)
+    assert rel_err(y, ref.gemv(x.double(), w.double(), None if b is None else b.double())) < TOL[dtype]
+
+
+@needs_tma
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [3, 16, 64, 97])
+@pytest.mark.parametrize("I,K", [(1000, 4096), (4096, 1032), (8, 64)])
+@pytest.mark.parametrize("choice", [(1, 1, 4), (2, 4, 6), (1, 3, 8)])
+def test_tma_gemm_glu(dtype, M, I, K, choice):
+    """silu(gate) * up in the epilogue: the same bits as the plain GEMM followed by silu_mul (ragged I: the
+    gate box of the last tile reaches into the up rows, whose outputs are never written)."""
+    x = rnd(M, K, dtype=dtype)
+    w = rnd(2 * I, K, dtype=dtype, scale=K ** -0.5)
+    if not tma.fits(choice, M):
+        return
+    poison()
+    y = tma.tma_gemm(x, w, choice=choice, glu=True)
+    assert y.shape == (M, I)
+    assert torch.equal(y, silu_mul(tma.tma_gemm(x, w, choice=choice)))
+    g, u = x.double() @ w[:I].double().T, x.double() @ w[I:].double().T
+    assert rel_err(y, torch.nn.functional.silu(g) * u) < 2 * TOL[dtype]
+
+
+@needs_tma
+def test_tma_gemm_is_deterministic_graph_safe_and_pdl_ordered():
+    """Split-K across the cluster gives the same bits run after run; it replays inside a CUDA graph on new
+    inputs; and, run right after the kernel that writes its x (PDL), it reads the new x."""
+    x, w = rnd(64, 14336, dtype=torch.bfloat16), rnd(4096, 14336, dtype=torch.bfloat16, scale=14336 ** -0.5)
+    first = tma.tma_gemm(x, w, choice=(1, 8, 6))
+    for _ in range(3):
+        assert torch.equal(tma.tma_gemm(x, w, choice=(1, 8, 6)), first)
+    src = rnd(64, 14336, dtype=torch.bfloat16)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        x.copy_(src * 2)   # the kernel before it writes x
+        y = tma.tma_gemm(x, w, choice=(1, 8, 6))
+    for _ in range(3):
+        src.copy_(rnd(64, 14336, dtype=torch.bfloat16))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, tma.tma_gemm(src * 2, w, choice=(1, 8, 6)))
+        assert rel_err(y, ref.gemv(src.double() * 2, w.double())) < 1e-2
+
+
+@needs_tma
+def test_backend_linear_takes_tma_gemm_where_tuned():
+    """The GPU backend's linear runs tma_gemm for the row buckets the tuning table names, ahead of skinny_gemm."""
+    from workers.backends import cuda
+    from workers.kernels import tuning
+
+    w = rnd(1536, 4096, dtype=torch.bfloat16, scale=4096 ** -0.5)
+    old = tuning.CURRENT
+    tuning.set_current(tuning.Tuning(gemv_max_m={"1536x4096": 1}, tma={"1536x4096": {32: [2, 4, 6]}},
+                                     skinny={"1536x4096": {32: [64, 2, 128, 4], 64: [64, 2, 128, 4]}}))
+    try:
+        for m in (17, 32):
+            x = rnd(m, 4096, dtype=torch.bfloat16)
+            assert torch.equal(cuda.linear(x, w), tma.tma_gemm(x, w, choice=(2, 4, 6)))
+        x = rnd(40, 4096, dtype=torch.bfloat16)
+        assert torch.equal(cuda.linear(x, w), skinny_gemm(x, w, choice=(64, 2, 128, 4)))
+        x = rnd(30, 4096, dtype=torch.bfloat16)
+        assert torch.equal(cuda.linear_glu(x, w), tma.tma_gemm(x, w, choice=(2, 4, 6), glu=True))
+    finally:
+        tuning.set_current(old)
 
 
 def test_backend_linear_takes_skinny_gemm_where_tuned():

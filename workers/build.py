@@ -82,13 +82,15 @@ def mismatch_message(engine_dir: Path | str, pinned: dict[str, Any], current: di
 
 # --- build key and the kernels a model needs -----------------------------------------------------------
 
-def kernel_specs(model_config: dict, tp: int, dtype: str) -> list[Any]:
-    """The kernel variants a shard of this model runs (module specs of workers.kernels._nvrtc)."""
+def kernel_specs(model_config: dict, tp: int, dtype: str, sm: str | None = None) -> list[Any]:
+    """The kernel variants a shard of this model runs on an `sm` GPU (module specs of
+    workers.kernels._nvrtc; the architecture-specific ones only where `sm` names their architecture)."""
     from workers.convert import TORCH_DTYPES
     from workers.kernels.gemv import VARIANTS as GEMV_VARIANTS
     from workers.kernels.paged_attention import STAGE_CHOICES
     from workers.kernels.paged_attention import module_spec as attn_spec
     from workers.kernels.skinny_gemm import module_specs as skinny_specs
+    from workers.kernels.tma_gemm import module_specs as tma_specs
     from workers.kernels._nvrtc import spec
     from workers.layout import local_heads
     from workers.models.config import ModelConfig
@@ -97,7 +99,8 @@ def kernel_specs(model_config: dict, tp: int, dtype: str) -> list[Any]:
     dt = TORCH_DTYPES[dtype]
     q, kv = local_heads(cfg, tp, 0)
     specs = [spec("rms_norm", dt), spec("silu_mul", dt), spec("rope_cache", dt),
-             *(spec("gemv", dt, ROWS=r, UNROLL=u) for r, u in GEMV_VARIANTS), *skinny_specs(dt)]
+             *(spec("gemv", dt, ROWS=r, UNROLL=u) for r, u in GEMV_VARIANTS),
+             *(tma_specs(dt, sm) or skinny_specs(dt))]   # tma_gemm where the GPU has it, else skinny_gemm
     if cfg.head_dim % 8 == 0:
         specs += sorted({attn_spec(dt, cfg.head_dim, len(q) // len(kv), st) for st in STAGE_CHOICES},
                         key=lambda s: s.defines)
@@ -164,7 +167,7 @@ def build_engine(shard_dir: Path | str, engines_root: Path | str, *, force: bool
     shard_dir = Path(shard_dir)
     sm = read_shard_manifest(shard_dir)
     env = environment()
-    specs = kernel_specs(sm["model_config"], sm["tp_size"], sm["dtype"])
+    specs = kernel_specs(sm["model_config"], sm["tp_size"], sm["dtype"], env["arch"])
     key = build_key(sm, env, sources_hash(specs))
     target = Path(engines_root) / f"{key[:24]}"
     existing = None if force else read_engine_manifest(target) if target.is_dir() else None

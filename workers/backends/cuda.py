@@ -13,6 +13,7 @@ from workers.kernels import cublaslt as _lt
 from workers.kernels import gemv as _gemv
 from workers.kernels import paged_attention as _attn
 from workers.kernels import skinny_gemm as _skinny
+from workers.kernels import tma_gemm as _tma
 from workers.kernels import tuning
 from workers.kernels.rms_norm import rms_norm
 from workers.kernels.rope_cache import rope_and_cache_write
@@ -37,6 +38,12 @@ def _skinny_choice(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int
     return c if c is not None and _skinny.supported(x, w) else None
 
 
+def _tma_choice(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int] | None:
+    """tma_gemm's launch for x @ w.T where the tuning table has it beating the other GEMMs at this many rows."""
+    c = tuning.CURRENT.tma_choice(w.shape[0], w.shape[1], x.shape[0])
+    return c if c is not None and _tma.supported(x, w) else None
+
+
 def _lt_algo(x: torch.Tensor, w: torch.Tensor) -> list[int] | None:
     """The cuBLASLt algorithm the build found faster than torch's matmul for this shape's row bucket, if it
     runs this exact shape."""
@@ -45,8 +52,11 @@ def _lt_algo(x: torch.Tensor, w: torch.Tensor) -> list[int] | None:
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias) past gemv's rows: skinny_gemm where tuned faster, else cuBLAS (with the cuBLASLt
-    algorithm the build chose where it beat torch's)."""
+    """x @ w.T (+ bias) past gemv's rows: tma_gemm or skinny_gemm where tuned faster, else cuBLAS (with the
+    cuBLASLt algorithm the build chose where it beat torch's)."""
+    t = _tma_choice(x, w)
+    if t:
+        return _tma.tma_gemm(x, w, bias, t)
     c = _skinny_choice(x, w)
     if c:
         return _skinny.skinny_gemm(x, w, bias, c)
@@ -58,15 +68,19 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) 
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias): our gemv for the few-row shapes where it beats cuBLAS, our tensor-core skinny
-    GEMM for decode batches where it does (both per the tuning table), cuBLAS otherwise (cuBLASLt with a
-    tuned algorithm at decode row counts)."""
+    """x @ w.T (+ bias): our gemv for the few-row shapes where it beats cuBLAS, our tensor-core GEMMs for
+    decode batches where they do (all per the tuning table), cuBLAS otherwise (cuBLASLt with a tuned
+    algorithm at decode row counts)."""
     return _gemv.gemv(x, w, bias) if _on_gemv(x, w) else _matmul(x, w, bias)
 
 
 def linear_glu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up in gemv's epilogue for few rows (no silu_mul kernel); a GEMM + silu_mul otherwise."""
-    return _gemv.gemv(x, w, glu=True) if _on_gemv(x, w) else silu_mul(_matmul(x, w))
+    """silu(gate) * up in the epilogue of gemv (few rows) or tma_gemm (decode batches, where tuned): no
+    silu_mul kernel; a GEMM + silu_mul otherwise."""
+    if _on_gemv(x, w):
+        return _gemv.gemv(x, w, glu=True)
+    t = _tma_choice(x, w)
+    return _tma.tma_gemm(x, w, choice=t, glu=True) if t else silu_mul(_matmul(x, w))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -93,6 +107,9 @@ _memo: dict[int, tuple[torch.Tensor, tuple, list[_Group]]] = {}
 # Not cuDNN's attention: it plans per new shape on the host (milliseconds), and a serving step's chunk
 # shapes keep changing; a py-spy profile at 256 streams had a quarter of the engine thread in it.
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# torch >= 2.5 takes K/V with fewer heads than q (enable_gqa); its flash kernel does so without a copy, for
+# causal chunks (an explicit mask would leave flash for a backend that expands them anyway)
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def _plan(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
@@ -140,13 +157,16 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     for g in _plan(cu_seqlens_q, context_lens, block_tables, bs, sliding_window):
         S = g.slots.shape[0]
         k, v = kf[g.slots], vf[g.slots]                                    # [S, ctx, nkv, hd]
-        if nkv != nh:   # GQA: each KV head serves nh // nkv query heads (one copy, no repeat_interleave)
+        gqa = {}
+        if nkv != nh and _SDPA_GQA and g.mask is None:   # GQA inside the flash kernel: no copies
+            gqa = {"enable_gqa": True}
+        elif nkv != nh:   # GQA: each KV head serves nh // nkv query heads (one copy, no repeat_interleave)
             k = k.unsqueeze(3).expand(S, g.ctx, nkv, nh // nkv, hd).reshape(S, g.ctx, nh, hd)
             v = v.unsqueeze(3).expand(S, g.ctx, nkv, nh // nkv, hd).reshape(S, g.ctx, nh, hd)
         qs = (q if g.rows is None else q[g.rows]).reshape(S, g.n, nh, hd).transpose(1, 2)  # [S, nh, n, hd]
         with sdpa_kernel(_SDPA_BACKENDS):
             o = F.scaled_dot_product_attention(qs, k.transpose(1, 2), v.transpose(1, 2), attn_mask=g.mask,
-                                               is_causal=g.mask is None, scale=scale)
+                                               is_causal=g.mask is None, scale=scale, **gqa)
         o = o.transpose(1, 2).reshape(S * g.n, nh, hd)
         if g.rows is None:
             return o

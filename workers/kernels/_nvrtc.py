@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 KERNEL_DIR = Path(__file__).resolve().parent
 DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 OPTIONS = ("-std=c++17",)
+ARCH_SPECIFIC = frozenset({"tma_gemm"})   # families that use sm_90a-only instructions (wgmma): compiled for "sm_90a"
 
 _lock = threading.Lock()
 _modules: dict[tuple[str, int], Any] = {}  # (cubin file name, device) -> loaded cupy Module
@@ -70,6 +71,7 @@ def _read(name: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _filename(s: ModuleSpec, sm: str) -> str:
+    sm = target(s, sm)
     h = hashlib.sha256("\0".join([s.source(), sm, nvrtc_version(), *OPTIONS]).encode()).hexdigest()
     return f"{s.family}-{sm}-{h[:16]}.cubin"
 
@@ -79,10 +81,17 @@ def spec(family: str, dtype: torch.dtype, **defines: int) -> ModuleSpec:
     return ModuleSpec(family, (("DTYPE", DTYPE_IDS[dtype]), *sorted(defines.items())))
 
 
+def target(s: ModuleSpec, sm: str) -> str:
+    """The architecture a variant compiles for on an `sm` GPU: `sm` itself, or its arch-specific form
+    ("sm_90a") for the families that use instructions only that architecture has."""
+    return f"{sm}a" if s.family in ARCH_SPECIFIC and not sm.endswith("a") else sm
+
+
 def compile_cubin(s: ModuleSpec, sm: str) -> bytes:
-    """NVRTC-compile a module variant to a cubin for architecture `sm`."""
+    """NVRTC-compile a module variant to a cubin for architecture `sm` (see `target`)."""
     from cupy.cuda import nvrtc
 
+    sm = target(s, sm)
     prog = nvrtc.createProgram(s.source(), f"{s.family}.cu", [], [])
     try:
         try:
@@ -152,12 +161,15 @@ class _Stream:
         self.ptr = ptr
 
 
-def launch(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0) -> None:
+def launch(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0,
+           cluster: tuple[int, int, int] | None = None) -> None:
     """Launch on torch's current stream (so it joins torch's ordering and CUDA graph capture), with
-    programmatic dependent launch where the GPU has it (see _prelude.cu's pdl_start)."""
+    programmatic dependent launch where the GPU has it (see _prelude.cu's pdl_start), in thread-block
+    clusters of `cluster` blocks when given (sm_90+: check `clusters_supported`)."""
     device, stream = _current_stream()
-    if _pdl_enabled(device):
-        _launch_pdl(fn, grid, block, args, shared_mem, stream)
+    pdl = _pdl_enabled(device)
+    if pdl or cluster:
+        _launch_ex(fn, grid, block, args, shared_mem, stream, pdl, cluster)
     else:
         fn(grid, block, args, shared_mem, _Stream(stream))
 
@@ -173,7 +185,8 @@ def _current_stream() -> tuple[int, int]:
 
 # --- programmatic dependent launch through the driver's cuLaunchKernelEx ---------------------------------
 
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+_CLUSTER_DIMENSION = 4  # CUlaunchAttributeID
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
 class _LaunchAttr(ctypes.Structure):
@@ -185,7 +198,12 @@ class _LaunchConfig(ctypes.Structure):
                 ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
 
 
-_ARG_CODES = {np.uint64: "Q", np.int64: "q", np.int32: "i", np.float32: "f"}   # struct codes of kernel arguments
+class TensorMapArg(bytes):
+    """A CUtensorMap (128 bytes) passed by value, as a `const __grid_constant__` kernel argument."""
+
+
+_ARG_CODES = {np.uint64: "Q", np.int64: "q", np.int32: "i", np.float32: "f",   # struct codes of kernel arguments
+              TensorMapArg: "128s"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -198,8 +216,10 @@ def _arg_layout(types: tuple) -> tuple[struct.Struct, np.ndarray]:
 
 
 def kernel_params(args: tuple) -> tuple[np.ndarray, Any]:
-    """cuLaunchKernelEx's kernelParams for `args` (ptr / i32 / i64 / f32 values): an array of pointers to each
-    value, and the buffer that holds the values; both must stay alive until the launch call returns. One
+    """cuLaunchKernelEx's kernelParams for `args` (ptr / i32 / i64 / f32 values, tensor maps): an array of
+    pointers to each
+    value, and the buffer that holds the values; both must stay alive until the launch call returns (the
+    driver copies each value to its offset in the kernel's parameters: the buffer needs no alignment). One
     pack per launch (a ctypes object per argument cost ~4x the host time)."""
     st, offsets = _arg_layout(tuple(map(type, args)))
     buf = ctypes.create_string_buffer(st.pack(*args), st.size)
@@ -230,6 +250,30 @@ def _launch_attr(attr_id: int, *values: int) -> _LaunchAttr:
 
 
 @functools.lru_cache(maxsize=None)
+def _cluster_attr(dims: tuple[int, int, int]) -> Any:
+    return _launch_attr(_CLUSTER_DIMENSION, *dims)
+
+
+@functools.lru_cache(maxsize=None)
+def _attrs(pdl: bool, cluster: tuple[int, int, int] | None) -> tuple[Any, int]:
+    """A launch's attribute array (built once per combination: kept alive by the cache) and its length."""
+    chosen = ([_pdl_attr()] if pdl else []) + ([_cluster_attr(cluster)] if cluster else [])
+    arr = (_LaunchAttr * max(1, len(chosen)))(*chosen)
+    return ctypes.cast(arr, ctypes.POINTER(_LaunchAttr)), len(chosen)
+
+
+@functools.lru_cache(maxsize=None)
+def clusters_supported(device: int) -> bool:
+    """Whether kernels can be launched in thread-block clusters here (sm_90+, cuLaunchKernelEx)."""
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        return hasattr(_driver(), "cuLaunchKernelEx")
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
 def _pdl_enabled(device: int) -> bool:
     """PDL on sm_90+ unless ORCH_PDL=0, when the driver has cuLaunchKernelEx."""
     if os.environ.get("ORCH_PDL", "1") == "0" or torch.cuda.get_device_capability(device)[0] < 9:
@@ -243,23 +287,25 @@ def _pdl_enabled(device: int) -> bool:
 _CONFIGS: dict[tuple, _LaunchConfig] = {}
 
 
-def launch_config(grid: tuple[int, ...], block: tuple[int, ...], shared_mem: int, stream: int) -> _LaunchConfig:
-    """The PDL launch configuration of this geometry on this stream, built once (the driver only reads it
-    during the launch call); at most 4096 kept."""
-    key = (tuple(grid), tuple(block), shared_mem, stream)
+def launch_config(grid: tuple[int, ...], block: tuple[int, ...], shared_mem: int, stream: int, pdl: bool = True,
+                  cluster: tuple[int, int, int] | None = None) -> _LaunchConfig:
+    """The launch configuration of this geometry on this stream (with PDL's attribute, and the cluster
+    dimension when given), built once (the driver only reads it during the launch call); at most 4096 kept."""
+    key = (tuple(grid), tuple(block), shared_mem, stream, pdl, None if cluster is None else tuple(cluster))
     cfg = _CONFIGS.get(key)
     if cfg is None:
         if len(_CONFIGS) >= 4096:
             _CONFIGS.clear()
         g, b = (*key[0], 1, 1)[:3], (*key[1], 1, 1)[:3]
+        attrs, n = _attrs(pdl, key[5])
         cfg = _CONFIGS[key] = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, stream,
-                                            ctypes.pointer(_pdl_attr()), 1)
+                                            attrs, n)
     return cfg
 
 
-def _launch_pdl(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int,
-                stream: int) -> None:
-    cfg = launch_config(grid, block, shared_mem, stream)
+def _launch_ex(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int,
+               stream: int, pdl: bool, cluster: tuple[int, int, int] | None) -> None:
+    cfg = launch_config(grid, block, shared_mem, stream, pdl, cluster)
     params, values = kernel_params(args)
     rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), fn.ptr, params.ctypes.data, None)
     del values   # (alive until here: the driver has read the arguments)
@@ -289,15 +335,18 @@ def max_shared_per_block(device: int) -> int:
     return n.value
 
 
-@functools.lru_cache(maxsize=None)
+_shared_limits: dict[int, int] = {}   # kernel function handle -> the dynamic shared memory it may launch with
+
+
 def set_shared_limit(fn: Any, shared_mem: int) -> None:
     """Let `fn` launch with `shared_mem` bytes of dynamic shared memory (past 48 KB with its static shared
-    memory, it must be asked for)."""
-    if shared_mem > 0:
+    memory, it must be asked for). The limit only grows: launches with less keep working."""
+    if shared_mem > _shared_limits.get(fn.ptr, 0):
         rc = _driver().cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), _MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                           ctypes.c_int(shared_mem))
         if rc != 0:
             raise RuntimeError(f"cuFuncSetAttribute({shared_mem} B of shared memory) failed: {_error_name(rc)}")
+        _shared_limits[fn.ptr] = shared_mem
 
 
 def ptr(t: torch.Tensor | None) -> np.uint64:

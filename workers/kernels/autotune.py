@@ -11,6 +11,8 @@ from workers.kernels import cublaslt as _lt
 from workers.kernels import gemv as _gemv
 from workers.kernels import paged_attention as _attn
 from workers.kernels import skinny_gemm as _skinny
+from workers.kernels import tma_gemm as _tma
+from workers.kernels.silu_mul import silu_mul
 from workers.kernels.tuning import LT_BUCKETS, Tuning
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,8 @@ def _weight_sets(shapes: dict[str, tuple[int, int]], dtype: torch.dtype):
 def tune_lt(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
             margin: float = 0.02) -> dict[str, dict[int, list[int]]]:
     """Per "NxK": row bucket -> the cuBLASLt algorithm (of those its heuristic offers) that beats torch's
-    matmul by more than `margin` at that many rows (other buckets are left out)."""
+    matmul by more than `margin` at that many rows (other buckets are left out). Buckets past 256 rows are
+    prefill steps (v50: at 8192 rows the best offered algorithm ran 2-4% faster than torch's first)."""
     out: dict[str, dict[int, list[int]]] = {}
     try:
         _lt.handle_for(torch.cuda.current_device())
@@ -115,14 +118,17 @@ def tune_lt(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
     for name, n, k, ws in _weight_sets(shapes, dtype):
         copies = len(ws)
         for m in LT_BUCKETS:
+            if m > 256 and name == "lm_head":   # (its rows: the sequences that want logits, a decode batch at most)
+                continue
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             if not _lt.supported(x, ws[0]):
                 continue
             algos = _lt.algorithms(x, ws[0])
             if not algos:
                 continue
-            per = [time_ms(lambda i, a=a: _lt.matmul(x, ws[i], a), copies) for a in algos]
-            theirs = time_ms(lambda i: F.linear(x, ws[i]), copies)
+            reps = 20 if m <= 256 else 5   # (prefill rows: milliseconds a call)
+            per = [time_ms(lambda i, a=a: _lt.matmul(x, ws[i], a), copies, reps=reps) for a in algos]
+            theirs = time_ms(lambda i: F.linear(x, ws[i]), copies, reps=reps)
             best = min(range(len(per)), key=per.__getitem__)
             log.info("cuBLASLt %s M=%d: torch %.4f ms, algorithms %s", name, m, theirs, [round(t, 4) for t in per])
             if per[best] < theirs * (1 - margin):
@@ -152,6 +158,50 @@ def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
             log.info("skinny %s M=%d: cuBLAS %.4f ms, ours %s", name, m, theirs,
                      {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
             if per[best] < theirs:
+                out.setdefault(f"{n}x{k}", {})[m] = list(best)
+        del ws
+    return out
+
+
+TMA_MARGIN = 0.10   # tma_gemm is kept at a row bucket unless the other GEMM times this much faster alone
+
+
+def tune_tma(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
+             tuned: Tuning | None = None) -> dict[str, dict[int, list[int]]]:
+    """Per "NxK": row bucket -> tma_gemm's fastest choice unless what would run otherwise at that many rows
+    (skinny_gemm or the cuBLASLt algorithm `tuned` has for it, else torch's matmul) times more than
+    TMA_MARGIN faster; nothing off sm_90 GPUs. gate_up is timed as decode runs it: silu(gate) * up in
+    tma_gemm's epilogue against the other GEMM followed by the silu_mul kernel.
+    Why a margin: in the decode graph our kernels start their weight copies while the kernel before them
+    finishes (PDL) and cuBLAS's do not, which a timing of one GEMM repeated does not show (nor did a chain
+    of GEMM and silu_mul, v48). v46: tma_gemm for qkv, o and down at 64 rows, timed up to 6.5% slower alone,
+    ran the batch-64 decode step 0.2 ms (3%) faster than cuBLAS there."""
+    out: dict[str, dict[int, list[int]]] = {}
+    if not _tma.available():
+        return out
+    tuned = tuned or Tuning()
+    for name, n, k, ws in _weight_sets(shapes, dtype):
+        copies, glu = len(ws), name == "gate_up"
+        for m in _tma.ROW_BUCKETS:
+            if m <= tuned.gemv_limit(n, k):
+                continue
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            if not _tma.supported(x, ws[0]):
+                continue
+            per = {c: time_ms(lambda i, c=c: _tma.tma_gemm(x, ws[i], choice=c, glu=glu), copies)
+                   for c in _tma.CHOICES if _tma.fits(c, m)}
+            skinny, algo = tuned.skinny_choice(n, k, m), tuned.lt_algo(n, k, m)
+            if skinny is not None:
+                other = lambda i: _skinny.skinny_gemm(x, ws[i], choice=skinny)   # noqa: E731
+            elif algo is not None and _lt.usable(x, ws[0], algo):
+                other = lambda i: _lt.matmul(x, ws[i], algo)   # noqa: E731
+            else:
+                other = lambda i: F.linear(x, ws[i])   # noqa: E731
+            theirs = time_ms((lambda i: silu_mul(other(i))) if glu else other, copies)
+            best = min(per, key=per.get)
+            log.info("tma %s M=%d: other %.4f ms, ours %s", name, m, theirs,
+                     {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
+            if per[best] <= theirs * (1 + TMA_MARGIN):
                 out.setdefault(f"{n}x{k}", {})[m] = list(best)
         del ws
     return out
@@ -203,7 +253,10 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
     shapes = linear_shapes(shard_manifest["model_config"], shard_manifest["tp_size"], shard_manifest["tp_rank"])
     tune_gemv_into(t, shapes, dtype)
     t.lt = tune_lt(shapes, dtype)
-    t.skinny = tune_skinny(shapes, dtype, t)
+    if _tma.available():   # on sm_90 tma_gemm takes skinny_gemm's place (it was as fast or faster everywhere)
+        t.tma = tune_tma(shapes, dtype, t)
+    else:
+        t.skinny = tune_skinny(shapes, dtype, t)
     probe_q = torch.empty(1, len(q), cfg.head_dim, dtype=dtype, device="cuda")
     probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
     if _attn.supported(probe_q, probe_k):

@@ -143,13 +143,17 @@ def algorithms(x: torch.Tensor, w: torch.Tensor, count: int = MAX_ALGOS) -> list
 
 
 @functools.cache
+def _algo_struct(algo: tuple[int, ...]) -> _Algo:
+    return _Algo((ctypes.c_uint64 * 8)(*algo))
+
+
+@functools.cache
 def _usable(algo: tuple[int, ...], shape: tuple) -> bool:
     """Whether an algorithm (found for another row count) runs this shape within the workspace."""
     op, a, b, c = _plan(*shape)
     res = _Heuristic()
-    al = _Algo((ctypes.c_uint64 * 8)(*algo))
-    rc = _lib().cublasLtMatmulAlgoCheck(handle_for(torch.cuda.current_device()), op, a, b, c, c, ctypes.byref(al),
-                                         ctypes.byref(res))
+    rc = _lib().cublasLtMatmulAlgoCheck(handle_for(torch.cuda.current_device()), op, a, b, c, c,
+                                         ctypes.byref(_algo_struct(algo)), ctypes.byref(res))
     return rc == 0 and res.workspaceSize <= WORKSPACE_BYTES
 
 
@@ -158,11 +162,6 @@ def usable(x: torch.Tensor, w: torch.Tensor, algo: list[int] | tuple[int, ...]) 
 
 
 _ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)   # alpha, beta (host scalars, read at each call)
-
-
-@functools.cache
-def _algo_struct(algo: tuple[int, ...]) -> _Algo:
-    return _Algo((ctypes.c_uint64 * 8)(*algo))
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, algo: list[int] | tuple[int, ...]) -> torch.Tensor:

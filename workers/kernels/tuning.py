@@ -22,6 +22,7 @@ class Tuning:
     gemv_gpu_grid: dict[str, bool] = field(default_factory=dict)      # "NxK" -> grid sized to the GPU
     skinny: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # "NxK" -> row bucket -> choice
     lt: dict[str, dict[int, list[int]]] = field(default_factory=dict)      # "NxK" -> row bucket -> cuBLASLt algo
+    tma: dict[str, dict[int, list[int]]] = field(default_factory=dict)     # "NxK" -> row bucket -> tma_gemm choice
 
     def splits_for(self, batch: int, nkv: int) -> int:
         """Splits of the decode attention for `batch` sequences (tuned, else enough blocks for 2 waves)."""
@@ -54,6 +55,16 @@ class Tuning:
         c = self.skinny.get(f"{n}x{k}", {}).get(row_bucket(m))
         return tuple(c) if c else None
 
+    def tma_choice(self, n: int, k: int, m: int) -> tuple[int, int, int] | None:
+        """tma_gemm's launch (warpgroups, K splits, stages) for an [n,k] weight at m rows, or None where
+        another GEMM was faster (or the shape was not tuned)."""
+        from workers.kernels.tma_gemm import MAX_M, row_bucket
+
+        if m > MAX_M:
+            return None
+        c = self.tma.get(f"{n}x{k}", {}).get(row_bucket(m))
+        return tuple(c) if c else None
+
     def lt_algo(self, n: int, k: int, m: int) -> list[int] | None:
         """The cuBLASLt algorithm (8 integers) for an [n,k] weight at m rows where one beat torch's matmul in
         the build, else None."""
@@ -67,6 +78,7 @@ class Tuning:
         d["attention_stages"] = {str(k): v for k, v in self.attention_stages.items()}
         d["skinny"] = {key: {str(m): list(c) for m, c in per.items()} for key, per in self.skinny.items()}
         d["lt"] = {key: {str(m): list(a) for m, a in per.items()} for key, per in self.lt.items()}
+        d["tma"] = {key: {str(m): list(c) for m, c in per.items()} for key, per in self.tma.items()}
         return d
 
     @classmethod
@@ -84,7 +96,9 @@ class Tuning:
                    skinny={str(key): {int(m): [int(v) for v in c] for m, c in per.items()}
                            for key, per in d.get("skinny", {}).items()},
                    lt={str(key): {int(m): [int(v) for v in a] for m, a in per.items()}
-                       for key, per in d.get("lt", {}).items()})
+                       for key, per in d.get("lt", {}).items()},
+                   tma={str(key): {int(m): [int(v) for v in c] for m, c in per.items()}
+                        for key, per in d.get("tma", {}).items()})
 
 
 def _per_batch(table: dict[int, Any], batch: int) -> Any:
@@ -94,7 +108,8 @@ def _per_batch(table: dict[int, Any], batch: int) -> Any:
     return table[next((k for k in known if k >= batch), known[-1])]
 
 
-LT_BUCKETS = (16, 32, 64, 128, 256)   # row counts cuBLASLt algorithms are chosen at (M runs on the next one up)
+# row counts cuBLASLt algorithms are chosen at (M runs on the next one up): decode batches, then prefill steps
+LT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 CURRENT = Tuning()
 
 
