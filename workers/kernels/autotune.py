@@ -137,6 +137,15 @@ def tune_lt(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
     return out
 
 
+def _cublas(x: torch.Tensor, ws: list[torch.Tensor], tuned: Tuning, n: int, k: int) -> Callable[[int], Any]:
+    """The cuBLAS GEMM decode would run for x @ ws[i].T: the cuBLASLt algorithm `tuned` has for this shape
+    and row count where it runs it, else torch's matmul."""
+    algo = tuned.lt_algo(n, k, x.shape[0])
+    if algo is not None and _lt.usable(x, ws[0], algo):
+        return lambda i: _lt.matmul(x, ws[i], algo)
+    return lambda i: F.linear(x, ws[i])
+
+
 def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
                 tuned: Tuning | None = None) -> dict[str, dict[int, list[int]]]:
     """Per "NxK": row bucket -> skinny_gemm's fastest choice where it beats cuBLAS at that many rows (with
@@ -149,11 +158,7 @@ def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             per = {c: time_ms(lambda i, c=c: _skinny.skinny_gemm(x, ws[i], choice=c), copies)
                    for c in _skinny.CHOICES if _skinny.fits(c, m, dtype)}
-            algo = tuned.lt_algo(n, k, m)
-            if algo is not None and _lt.usable(x, ws[0], algo):
-                theirs = time_ms(lambda i: _lt.matmul(x, ws[i], algo), copies)
-            else:
-                theirs = time_ms(lambda i: F.linear(x, ws[i]), copies)
+            theirs = time_ms(_cublas(x, ws, tuned, n, k), copies)
             best = min(per, key=per.get)
             log.info("skinny %s M=%d: cuBLAS %.4f ms, ours %s", name, m, theirs,
                      {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
@@ -190,13 +195,11 @@ def tune_tma(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
                 continue
             per = {c: time_ms(lambda i, c=c: _tma.tma_gemm(x, ws[i], choice=c, glu=glu), copies)
                    for c in _tma.CHOICES if _tma.fits(c, m)}
-            skinny, algo = tuned.skinny_choice(n, k, m), tuned.lt_algo(n, k, m)
+            skinny = tuned.skinny_choice(n, k, m)
             if skinny is not None:
                 other = lambda i: _skinny.skinny_gemm(x, ws[i], choice=skinny)   # noqa: E731
-            elif algo is not None and _lt.usable(x, ws[0], algo):
-                other = lambda i: _lt.matmul(x, ws[i], algo)   # noqa: E731
             else:
-                other = lambda i: F.linear(x, ws[i])   # noqa: E731
+                other = _cublas(x, ws, tuned, n, k)
             theirs = time_ms((lambda i: silu_mul(other(i))) if glu else other, copies)
             best = min(per, key=per.get)
             log.info("tma %s M=%d: other %.4f ms, ours %s", name, m, theirs,
