@@ -11,6 +11,7 @@ from workers.kernels import cublaslt as _lt
 from workers.kernels import gemv as _gemv
 from workers.kernels import paged_attention as _attn
 from workers.kernels import skinny_gemm as _skinny
+from workers.kernels import stream_gemv as _stream
 from workers.kernels import tma_gemm as _tma
 from workers.kernels.silu_mul import silu_mul
 from workers.kernels.tuning import LT_BUCKETS, Tuning
@@ -210,6 +211,37 @@ def tune_tma(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
     return out
 
 
+STREAM_MARGIN = 0.0   # stream_gemv is kept at a row count unless gemv times this much faster alone
+
+
+def tune_stream(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
+                tuned: Tuning | None = None) -> dict[str, dict[int, list[int]]]:
+    """Per "NxK": row count -> stream_gemv's fastest choice unless gemv (at its tuned choice; glu for
+    gate_up, as decode runs both) times more than STREAM_MARGIN faster at that many rows; only the row
+    counts `tuned` runs on gemv; nothing off sm_90+ GPUs."""
+    out: dict[str, dict[int, list[int]]] = {}
+    if not _stream.available():
+        return out
+    tuned = tuned or Tuning()
+    for name, n, k, ws in _weight_sets(shapes, dtype):
+        copies, glu = len(ws), name == "gate_up"
+        gemv_choice = tuned.gemv_choice(n, k)
+        for m in range(1, min(_stream.MAX_M, tuned.gemv_limit(n, k)) + 1):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            per = {c: time_ms(lambda i, c=c: _stream.stream_gemv(x, ws[i], choice=c, glu=glu), copies)
+                   for c in _stream.CHOICES if _stream.supported(x, ws[0], c, glu)}
+            if not per:
+                continue
+            theirs = time_ms(lambda i: _gemv.gemv(x, ws[i], choice=gemv_choice, glu=glu), copies)
+            best = min(per, key=per.get)
+            log.info("stream %s M=%d: gemv %.4f ms, ours %s", name, m, theirs,
+                     {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
+            if per[best] <= theirs * (1 + STREAM_MARGIN):
+                out.setdefault(f"{n}x{k}", {})[m] = list(best)
+        del ws
+    return out
+
+
 def tune_attention(nh: int, nkv: int, hd: int, dtype: torch.dtype, batches: tuple[int, ...],
                    contexts: tuple[int, ...], block_size: int = 16) -> dict[int, tuple[int, int]]:
     """batch -> (splits, stages) of the decode attention with the least summed slowdown over `contexts`
@@ -256,6 +288,7 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
     shapes = linear_shapes(shard_manifest["model_config"], shard_manifest["tp_size"], shard_manifest["tp_rank"])
     tune_gemv_into(t, shapes, dtype)
     t.lt = tune_lt(shapes, dtype)
+    t.stream = tune_stream(shapes, dtype, t)
     if _tma.available():   # on sm_90 tma_gemm takes skinny_gemm's place (it was as fast or faster everywhere)
         t.tma = tune_tma(shapes, dtype, t)
     else:

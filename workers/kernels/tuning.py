@@ -23,6 +23,7 @@ class Tuning:
     skinny: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # "NxK" -> row bucket -> choice
     lt: dict[str, dict[int, list[int]]] = field(default_factory=dict)      # "NxK" -> row bucket -> cuBLASLt algo
     tma: dict[str, dict[int, list[int]]] = field(default_factory=dict)     # "NxK" -> row bucket -> tma_gemm choice
+    stream: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # "NxK" -> rows -> stream_gemv choice
 
     def splits_for(self, batch: int, nkv: int) -> int:
         """Splits of the decode attention for `batch` sequences (tuned, else enough blocks for 2 waves)."""
@@ -59,6 +60,13 @@ class Tuning:
 
         return _bucketed(self.tma, n, k, m, tma_gemm)
 
+    def stream_choice(self, n: int, k: int, m: int) -> tuple[int, int, int] | None:
+        """stream_gemv's launch (KB a copy, KB of the ring, blocks an SM) for an [n,k] weight at m rows, or
+        None where gemv was faster (or the shape was not tuned)."""
+        from workers.kernels import stream_gemv
+
+        return _bucketed(self.stream, n, k, m, stream_gemv)
+
     def lt_algo(self, n: int, k: int, m: int) -> list[int] | None:
         """The cuBLASLt algorithm (8 integers) for an [n,k] weight at m rows where one beat torch's matmul in
         the build, else None."""
@@ -90,7 +98,7 @@ class Tuning:
                              for key, per in d.get(name, {}).items()} for name in _PER_BUCKET})
 
 
-_PER_BUCKET = ("skinny", "lt", "tma")   # the "NxK" -> row bucket -> integers tables
+_PER_BUCKET = ("skinny", "lt", "tma", "stream")   # the "NxK" -> row bucket -> integers tables
 
 
 def _bucketed(table: dict[str, dict[int, list[int]]], n: int, k: int, m: int, kernel: Any) -> tuple | None:
