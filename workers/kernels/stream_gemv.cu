@@ -6,7 +6,8 @@
 // (cp.async.bulk) completing on an mbarrier per slot. The ring's first fill is requested before the PDL
 // wait (no kernel writes weights), so a block that becomes resident while the kernel before it still runs
 // (attention, a norm, the tail of the previous GEMV) streams its first stages meanwhile.
-// CWARPS consumer warps take the stages round robin: each dots its stage with x (copied into shared memory
+// CWARPS consumer warps take the stages round robin (stages a multiple of CWARPS: a warp owns its slots, so
+// its parity waits are never two phases ahead): each dots its stage with x (copied into shared memory
 // after the PDL wait) and parks one fp32 partial a row of x; the epilogue adds a row's partials in order.
 // With glu = 1, W is [gate; up] (2N rows): the block streams its gate rows then the same up rows and writes
 // silu(gate) * up, rounded as gemv's glu mode rounds.

@@ -13,9 +13,10 @@ from workers.kernels._nvrtc import (aligned, function, i32, i64, launch, max_sha
 MAX_M = 4
 CWARPS = 8
 THREADS = CWARPS * 32 + 32
+MAX_STAGES = 64
 _DTYPES = (torch.float16, torch.bfloat16)
 # (KB a bulk copy aims at, KB of the ring of stages, blocks an SM): what the build times per weight shape
-CHOICES = tuple((c, r, b) for c in (4, 8, 16) for r, b in ((192, 1), (96, 1), (96, 2)))
+CHOICES = tuple((c, r, b) for c in (4, 8, 16) for r, b in ((192, 1), (128, 1), (112, 2)))
 
 
 def row_bucket(m: int) -> int:
@@ -51,7 +52,9 @@ def chunk_elems(k: int, chunk_kb: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def plan(choice: tuple[int, int, int], m: int, n: int, k: int, glu: bool, device: int) -> tuple[int, int, int, int] | None:
-    """(chunk elements, stages, blocks, shared bytes) of a launch, or None where fewer than 2 stages fit."""
+    """(chunk elements, stages, blocks, shared bytes) of a launch, or None where fewer than CWARPS stages fit.
+    Stages are a multiple of CWARPS: a consumer warp then waits on each of its slots' barriers at most one
+    phase ahead (a parity wait further ahead would pass on an older phase)."""
     chunk_kb, ring_kb, per_sm = choice
     props = torch.cuda.get_device_properties(device)
     blocks = min(n, per_sm * props.multi_processor_count)
@@ -59,15 +62,15 @@ def plan(choice: tuple[int, int, int], m: int, n: int, k: int, glu: bool, device
     parts = (2 if glu else 1) * -(-n // blocks) * (k // chunk) * m * 4
     limit = min(max_shared_per_block(device), (228 * 1024) // per_sm - 1024)
     fixed = m * k * 2 + parts + 128
-    stages = min(ring_kb * 1024 // (chunk * 2), (limit - fixed) // (chunk * 2 + 16))
-    if stages < 2:
+    stages = min(MAX_STAGES, ring_kb * 1024 // (chunk * 2), (limit - fixed) // (chunk * 2 + 16)) // CWARPS * CWARPS
+    if stages < CWARPS:   # (consumer warp w takes slots w, w + CWARPS, ..: every round of a slot, in order)
         return None
     return chunk, stages, blocks, ((16 * stages + 127) & ~127) + m * k * 2 + stages * chunk * 2 + parts
 
 
 def supported(x: torch.Tensor, w: torch.Tensor, choice: tuple[int, int, int] | None = None, glu: bool = False) -> bool:
     """Whether stream_gemv can run x[M,K] @ w[N,K]^T here: 16-bit, M <= MAX_M, K % 8 == 0, rows 16-byte
-    aligned, an sm_90+ GPU, and (for `choice`) at least 2 stages fit in shared memory."""
+    aligned, an sm_90+ GPU, and (for `choice`) at least CWARPS stages fit in shared memory."""
     M, K = x.shape
     if not (1 <= M <= MAX_M and x.dtype in _DTYPES and w.dtype == x.dtype and w.shape[1] == K and K % 8 == 0
             and x.stride(1) == 1 and x.stride(0) % 8 == 0 and w.is_contiguous() and aligned(x, w) and x.is_cuda
@@ -87,7 +90,7 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     choice = tuple(choice or tuning.CURRENT.stream_choice(w.shape[0], K, M) or CHOICES[0])
     p = plan(choice, M, N, K, glu, x.device.index or 0)
     if p is None:
-        raise ValueError(f"stream_gemv choice {choice} fits fewer than 2 stages at M={M}, K={K}")
+        raise ValueError(f"stream_gemv choice {choice} fits fewer than {CWARPS} stages at M={M}, K={K}")
     chunk, stages, blocks, smem = p
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     fn = function(spec("stream_gemv", x.dtype, MM=M), "stream_gemv")
