@@ -1,6 +1,7 @@
 """Launch-choice tuning on this GPU for one shard's shapes (run by the engine build)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -211,34 +212,43 @@ def tune_tma(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
     return out
 
 
-STREAM_MARGIN = 0.0   # stream_gemv is kept at a row count unless gemv times this much faster alone
+STREAM_MARGIN = 0.0   # stream_gemv is kept at a row count unless what runs otherwise times this much faster alone
 
 
 def tune_stream(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
                 tuned: Tuning | None = None) -> dict[str, dict[int, list[int]]]:
-    """Per "NxK": row count -> stream_gemv's fastest choice unless gemv (at its tuned choice; glu for
-    gate_up, as decode runs both) times more than STREAM_MARGIN faster at that many rows; only the row
-    counts `tuned` runs on gemv; nothing off sm_90+ GPUs."""
+    """Per "NxK": row count (1 .. stream_gemv.MAX_M) -> stream_gemv's fastest choice unless what decode
+    would run otherwise under `tuned` (gemv, tma_gemm, skinny_gemm or cuBLAS, as the GPU backend picks;
+    with silu(gate) * up for gate_up, as decode runs it) times more than STREAM_MARGIN faster; nothing off
+    sm_90+ GPUs."""
+    from workers.backends import cuda as _backend
+    from workers.kernels import tuning as _tuning
+
     out: dict[str, dict[int, list[int]]] = {}
     if not _stream.available():
         return out
     tuned = tuned or Tuning()
-    for name, n, k, ws in _weight_sets(shapes, dtype):
-        copies, glu = len(ws), name == "gate_up"
-        gemv_choice = tuned.gemv_choice(n, k)
-        for m in range(1, min(_stream.MAX_M, tuned.gemv_limit(n, k)) + 1):
-            x = torch.randn(m, k, device="cuda", dtype=dtype)
-            per = {c: time_ms(lambda i, c=c: _stream.stream_gemv(x, ws[i], choice=c, glu=glu), copies)
-                   for c in _stream.CHOICES if _stream.supported(x, ws[0], c, glu)}
-            if not per:
-                continue
-            theirs = time_ms(lambda i: _gemv.gemv(x, ws[i], choice=gemv_choice, glu=glu), copies)
-            best = min(per, key=per.get)
-            log.info("stream %s M=%d: gemv %.4f ms, ours %s", name, m, theirs,
-                     {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
-            if per[best] <= theirs * (1 + STREAM_MARGIN):
-                out.setdefault(f"{n}x{k}", {})[m] = list(best)
-        del ws
+    old = _tuning.CURRENT
+    _tuning.set_current(dataclasses.replace(tuned, stream={}))   # the backend's choice without stream_gemv
+    try:
+        for name, n, k, ws in _weight_sets(shapes, dtype):
+            copies, glu = len(ws), name == "gate_up"
+            other = _backend.linear_glu if glu else _backend.linear
+            for m in range(1, _stream.MAX_M + 1):
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                per = {c: time_ms(lambda i, c=c: _stream.stream_gemv(x, ws[i], choice=c, glu=glu), copies)
+                       for c in _stream.CHOICES if _stream.supported(x, ws[0], c, glu)}
+                if not per:
+                    continue
+                theirs = time_ms(lambda i: other(x, ws[i]), copies)
+                best = min(per, key=per.get)
+                log.info("stream %s M=%d: other %.4f ms, ours %s", name, m, theirs,
+                         {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
+                if per[best] <= theirs * (1 + STREAM_MARGIN):
+                    out.setdefault(f"{n}x{k}", {})[m] = list(best)
+            del ws
+    finally:
+        _tuning.set_current(old)
     return out
 
 
@@ -288,11 +298,11 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
     shapes = linear_shapes(shard_manifest["model_config"], shard_manifest["tp_size"], shard_manifest["tp_rank"])
     tune_gemv_into(t, shapes, dtype)
     t.lt = tune_lt(shapes, dtype)
-    t.stream = tune_stream(shapes, dtype, t)
     if _tma.available():   # on sm_90 tma_gemm takes skinny_gemm's place (it was as fast or faster everywhere)
         t.tma = tune_tma(shapes, dtype, t)
     else:
         t.skinny = tune_skinny(shapes, dtype, t)
+    t.stream = tune_stream(shapes, dtype, t)   # against what the tables above run at 1-4 rows
     probe_q = torch.empty(1, len(q), cfg.head_dim, dtype=dtype, device="cuda")
     probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
     if _attn.supported(probe_q, probe_k):
