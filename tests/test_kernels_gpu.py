@@ -371,25 +371,30 @@ def test_tma_gemm_glu(dtype, M, I, K, choice):
     assert rel_err(y, torch.nn.functional.silu(g) * u) < 2 * TOL[dtype]
 
 
-@needs_tma
-def test_tma_gemm_is_deterministic_graph_safe_and_pdl_ordered():
-    """Split-K across the cluster gives the same bits run after run; it replays inside a CUDA graph on new
-    inputs; and, run right after the kernel that writes its x (PDL), it reads the new x."""
-    x, w = rnd(64, 14336, dtype=torch.bfloat16), rnd(4096, 14336, dtype=torch.bfloat16, scale=14336 ** -0.5)
-    first = tma.tma_gemm(x, w, choice=(1, 8, 6))
+def _deterministic_graph_safe_pdl_ordered(run, m: int) -> None:
+    """run(x, w) gives the same bits run after run; it replays inside a CUDA graph on new inputs; and, run
+    right after the kernel that writes its x (PDL), it reads the new x."""
+    x, w = rnd(m, 14336, dtype=torch.bfloat16), rnd(4096, 14336, dtype=torch.bfloat16, scale=14336 ** -0.5)
+    first = run(x, w)
     for _ in range(3):
-        assert torch.equal(tma.tma_gemm(x, w, choice=(1, 8, 6)), first)
-    src = rnd(64, 14336, dtype=torch.bfloat16)
+        assert torch.equal(run(x, w), first)
+    src = rnd(m, 14336, dtype=torch.bfloat16)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         x.copy_(src * 2)   # the kernel before it writes x
-        y = tma.tma_gemm(x, w, choice=(1, 8, 6))
+        y = run(x, w)
     for _ in range(3):
-        src.copy_(rnd(64, 14336, dtype=torch.bfloat16))
+        src.copy_(rnd(m, 14336, dtype=torch.bfloat16))
         g.replay()
         torch.cuda.synchronize()
-        assert torch.equal(y, tma.tma_gemm(src * 2, w, choice=(1, 8, 6)))
+        assert torch.equal(y, run(src * 2, w))
         assert rel_err(y, ref.gemv(src.double() * 2, w.double())) < 1e-2
+
+
+@needs_tma
+def test_tma_gemm_is_deterministic_graph_safe_and_pdl_ordered():
+    """Split-K across the cluster: the same bits every run, in a graph, after the kernel writing x."""
+    _deterministic_graph_safe_pdl_ordered(lambda x, w: tma.tma_gemm(x, w, choice=(1, 8, 6)), 64)
 
 
 @needs_tma
@@ -556,24 +561,10 @@ def test_stream_gemv_glu(dtype, M, I, K, bias, choice):
 
 
 @needs_stream
-def test_stream_gemv_is_deterministic_and_graph_safe():
-    """The same bits run after run; inside a CUDA graph, right after the kernel that writes its x (PDL), it
-    reads the new x."""
-    x, w = rnd(2, 14336, dtype=torch.bfloat16), rnd(4096, 14336, dtype=torch.bfloat16, scale=14336 ** -0.5)
-    first = stream.stream_gemv(x, w, choice=(4, 192, 1))
-    for _ in range(3):
-        assert torch.equal(stream.stream_gemv(x, w, choice=(4, 192, 1)), first)
-    src = rnd(2, 14336, dtype=torch.bfloat16)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        x.copy_(src * 2)
-        y = stream.stream_gemv(x, w, choice=(4, 192, 1))
-    for _ in range(3):
-        src.copy_(rnd(2, 14336, dtype=torch.bfloat16))
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y, stream.stream_gemv(src * 2, w, choice=(4, 192, 1)))
-        assert rel_err(y, ref.gemv(src.double() * 2, w.double())) < 1e-2
+def test_stream_gemv_is_deterministic_graph_safe_and_pdl_ordered():
+    """Weights requested before the PDL wait, x read after it: the same bits every run, in a graph, after
+    the kernel writing x."""
+    _deterministic_graph_safe_pdl_ordered(lambda x, w: stream.stream_gemv(x, w, choice=(4, 192, 1)), 2)
 
 
 @needs_stream
@@ -585,7 +576,8 @@ def test_backend_linear_takes_stream_gemv_where_tuned():
 
     w = rnd(1536, 4096, dtype=torch.bfloat16, scale=4096 ** -0.5)
     old = tuning.CURRENT
-    tuning.set_current(tuning.Tuning(gemv_max_m={"1536x4096": 4}, stream={"1536x4096": {1: [8, 112, 2], 3: [4, 192, 1]}}))
+    tuning.set_current(tuning.Tuning(gemv_max_m={"1536x4096": 4},
+                                     stream={"1536x4096": {1: [8, 112, 2], 3: [4, 192, 1]}}))
     try:
         x1, x2, x3 = (rnd(m, 4096, dtype=torch.bfloat16) for m in (1, 2, 3))
         assert torch.equal(cuda.linear(x1, w), stream.stream_gemv(x1, w, choice=(8, 112, 2)))

@@ -170,6 +170,17 @@ def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
     return out
 
 
+def _keep_fastest(out: dict[str, dict[int, list[int]]], key: str, m: int, per: dict[tuple, float], theirs: float,
+                  margin: float, what: str) -> None:
+    """Log a kernel's timings `per` choice at m rows against the other GEMM's, and keep the fastest choice
+    in out[key][m] unless the other one is more than `margin` faster."""
+    best = min(per, key=per.get)
+    log.info("%s M=%d: other %.4f ms, ours %s", what, m, theirs,
+             {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
+    if per[best] <= theirs * (1 + margin):
+        out.setdefault(key, {})[m] = list(best)
+
+
 TMA_MARGIN = 0.10   # tma_gemm is kept at a row bucket unless the other GEMM times this much faster alone
 
 
@@ -203,11 +214,7 @@ def tune_tma(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
             else:
                 other = _cublas(x, ws, tuned, n, k)
             theirs = time_ms((lambda i: silu_mul(other(i))) if glu else other, copies)
-            best = min(per, key=per.get)
-            log.info("tma %s M=%d: other %.4f ms, ours %s", name, m, theirs,
-                     {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
-            if per[best] <= theirs * (1 + TMA_MARGIN):
-                out.setdefault(f"{n}x{k}", {})[m] = list(best)
+            _keep_fastest(out, f"{n}x{k}", m, per, theirs, TMA_MARGIN, f"tma {name}")
         del ws
     return out
 
@@ -241,11 +248,7 @@ def tune_stream(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
                 if not per:
                     continue
                 theirs = time_ms(lambda i: other(x, ws[i]), copies)
-                best = min(per, key=per.get)
-                log.info("stream %s M=%d: other %.4f ms, ours %s", name, m, theirs,
-                         {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
-                if per[best] <= theirs * (1 + STREAM_MARGIN):
-                    out.setdefault(f"{n}x{k}", {})[m] = list(best)
+                _keep_fastest(out, f"{n}x{k}", m, per, theirs, STREAM_MARGIN, f"stream {name}")
             del ws
     finally:
         _tuning.set_current(old)

@@ -51,7 +51,8 @@ def chunk_elems(k: int, chunk_kb: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def plan(choice: tuple[int, int, int], m: int, n: int, k: int, glu: bool, device: int) -> tuple[int, int, int, int] | None:
+def plan(choice: tuple[int, int, int], m: int, n: int, k: int, glu: bool,
+         device: int) -> tuple[int, int, int, int] | None:
     """(chunk elements, stages, blocks, shared bytes) of a launch, or None where fewer than CWARPS stages fit.
     Stages are a multiple of CWARPS: a consumer warp then waits on each of its slots' barriers at most one
     phase ahead (a parity wait further ahead would pass on an older phase)."""
