@@ -16,7 +16,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.kernels import (cublaslt, gemv, paged_attention, rms_norm, rope_cache, silu_mul, skinny_gemm,  # noqa: E402
-                             tma_gemm)
+                             stream_gemv, tma_gemm)
 from workers.kernels.autotune import time_ms  # noqa: E402
 from workers.kernels.tuning import LT_BUCKETS  # noqa: E402
 
@@ -55,14 +55,14 @@ def bench_gemv(out: dict) -> None:
 def _bench_choices(out: dict, tag: str, buckets, choices, run, fits, label: str, lt: bool = False) -> None:
     """A decode GEMM of ours at each row bucket against cuBLAS (and, with `lt`, cuBLASLt's best offered
     algorithm) in the same run: weight bandwidth of every choice that fits and of the best. run(x, w, choice),
-    fits(choice, m); `label` formats a choice into its metric names."""
+    fits(choice, m, n, k); `label` formats a choice into its metric names."""
     dt = torch.bfloat16
     for name, (n, k) in SHAPES.items():
         ws = _rotated_weights(n, k, dt)
         copies, gb = len(ws), n * k * 2 / 1e9
         for m in buckets:
             x = torch.randn(m, k, device="cuda", dtype=dt)
-            per = {c: time_ms(lambda i, c=c: run(x, ws[i], c), copies, reps=30) for c in choices if fits(c, m)}
+            per = {c: time_ms(lambda i, c=c: run(x, ws[i], c), copies, reps=30) for c in choices if fits(c, m, n, k)}
             for c, ms in per.items():
                 out[f"{tag}_{name}_m{m}_{label.format(*c)}_gb_s"] = round(gb / (ms / 1e3), 1)
             best = min(per, key=per.get)
@@ -84,13 +84,22 @@ def bench_skinny(out: dict) -> None:
     """skinny_gemm at decode batch rows against cuBLAS: weight bandwidth, every choice and the best."""
     _bench_choices(out, "skinny", skinny_gemm.ROW_BUCKETS, skinny_gemm.CHOICES,
                    lambda x, w, c: skinny_gemm.skinny_gemm(x, w, choice=c),
-                   lambda c, m: skinny_gemm.fits(c, m, torch.bfloat16), "bn{}_split{}_bk{}_st{}")
+                   lambda c, m, n, k: skinny_gemm.fits(c, m, torch.bfloat16), "bn{}_split{}_bk{}_st{}")
 
 
 def bench_tma(out: dict) -> None:
     """tma_gemm at decode batch rows against cuBLAS (torch's and cuBLASLt's best offered algorithm)."""
     _bench_choices(out, "tma", tma_gemm.ROW_BUCKETS, tma_gemm.CHOICES,
-                   lambda x, w, c: tma_gemm.tma_gemm(x, w, choice=c), tma_gemm.fits, "wg{}_split{}_st{}", lt=True)
+                   lambda x, w, c: tma_gemm.tma_gemm(x, w, choice=c), lambda c, m, n, k: tma_gemm.fits(c, m),
+                   "wg{}_split{}_st{}", lt=True)
+
+
+def bench_stream(out: dict) -> None:
+    """stream_gemv at 1-4 rows, every choice that fits, against cuBLAS (gemv's figures: the gemv section)."""
+    dev = torch.cuda.current_device()
+    _bench_choices(out, "stream", (1, 2, 4), stream_gemv.CHOICES,
+                   lambda x, w, c: stream_gemv.stream_gemv(x, w, choice=c),
+                   lambda c, m, n, k: stream_gemv.plan(c, m, n, k, False, dev) is not None, "kb{}_ring{}_bps{}")
 
 
 def bench_lt(out: dict) -> None:
@@ -138,6 +147,10 @@ def bench_chain(out: dict) -> None:
     shapes = {"qkv": ((nh + 2 * nkv) * hd, H), "o": (H, nh * hd), "gate_up": (2 * I, H), "down": (H, I), "lm_head": (V, H)}
     t = tuning.Tuning()
     autotune.tune_gemv_into(t, shapes, dt)
+    margin, autotune.STREAM_MARGIN = autotune.STREAM_MARGIN, 10.0   # every shape's fastest stream_gemv choice
+    stream = autotune.tune_stream(shapes, dt, t)
+    autotune.STREAM_MARGIN = margin
+    out["chain_stream_choices"] = {key: per.get(1) for key, per in stream.items()}
     per_batch = autotune.tune_attention(nh, nkv, hd, dt, (1,), (ctx,))
     t.attention_splits, t.attention_stages = {1: per_batch[1][0]}, {1: per_batch[1][1]}
     old_table = tuning.CURRENT
@@ -153,34 +166,41 @@ def bench_chain(out: dict) -> None:
     x0, r0 = torch.randn(1, H, device="cuda", dtype=dt), torch.randn(1, H, device="cuda", dtype=dt)
 
     def step(norm: bool, attn: bool) -> None:
+        mv = (lambda x, w, glu=False: stream_gemv.stream_gemv(x, w, glu=glu)) if t.stream else gemv.gemv
         x, res = x0, r0
         for i, ly in enumerate(layers):
             h = rms_norm.rms_norm(x, ly["n1"], 1e-5, res) if norm else (x, res)
             h, res = h
-            qkv = gemv.gemv(h, ly["qkv"])
+            qkv = mv(h, ly["qkv"])
             if attn:
                 q, k, v = qkv.view(1, nh + 2 * nkv, hd).split([nh, nkv, nkv], dim=1)
                 rope_cache.rope_and_cache_write(q, k, v, pos, cos, sin, kcs[i], vcs[i], pos)
                 o_in = paged_attention.paged_decode_attention(q, kcs[i], vcs[i], bt, cl, hd ** -0.5).view(1, nh * hd)
             else:
                 o_in = qkv[:, :nh * hd]
-            x = gemv.gemv(o_in, ly["o"])
+            x = mv(o_in, ly["o"])
             h, res = rms_norm.rms_norm(x, ly["n2"], 1e-5, res) if norm else (x, res)
-            x = gemv.gemv(gemv.gemv(h, ly["gu"], glu=True), ly["down"])
+            x = mv(mv(h, ly["gu"], glu=True), ly["down"])
         if norm:
             x, _ = rms_norm.rms_norm(x, nf, 1e-5, res)
-        gemv.gemv(x, lm)
+        mv(x, lm)
 
     gb = (sum(t.numel() for ly in layers for k, t in ly.items() if k not in ("n1", "n2")) + lm.numel()) * 2 / 1e9
     out["chain_weight_gb"] = round(gb, 3)
     for pdl in ("1", "0"):
         os.environ["ORCH_PDL"] = pdl
         _nvrtc._pdl_enabled.cache_clear()
-        for name, norm, attn in (("gemv", False, False), ("gemv_norm", True, False), ("full", True, True)):
-            ms = time_ms(lambda i: step(norm, attn), 1, reps=4)
-            tag = "" if pdl == "1" else "_nopdl"
-            out[f"chain_bs1_{name}{tag}_ms"] = round(ms, 4)
-            out[f"chain_bs1_{name}{tag}_weight_tb_s"] = round(gb / ms, 3)
+        for kernel in ("gemv", "stream"):   # the GEMVs on gemv, then on stream_gemv (each shape's fastest choice)
+            t.stream = stream if kernel == "stream" else {}
+            for name, norm, attn in (("gemv", False, False), ("gemv_norm", True, False), ("full", True, True)):
+                if kernel == "stream" and pdl == "0" and name != "full":
+                    continue
+                ms = time_ms(lambda i: step(norm, attn), 1, reps=4)
+                tag = ("" if kernel == "gemv" else "_stream") + ("" if pdl == "1" else "_nopdl")
+                out[f"chain_bs1_{name}{tag}_ms"] = round(ms, 4)
+                out[f"chain_bs1_{name}{tag}_weight_tb_s"] = round(gb / ms, 3)
+                print(f"chain {name}{tag}: {ms:.4f} ms", flush=True)
+    t.stream = {}
     del os.environ["ORCH_PDL"]
     _nvrtc._pdl_enabled.cache_clear()
     tuning.set_current(old_table)   # later sections launch with their defaults again
@@ -224,11 +244,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--sections", default="small,attention,gemv,skinny",
-                   help="comma-separated: small, attention, gemv, skinny, tma, lt, chain")
+                   help="comma-separated: small, attention, gemv, skinny, tma, stream, lt, chain")
     args = p.parse_args()
     out: dict = {}
     sections = {"small": bench_small, "attention": bench_attention, "gemv": bench_gemv, "skinny": bench_skinny,
-                "tma": bench_tma, "lt": bench_lt, "chain": bench_chain}
+                "tma": bench_tma, "stream": bench_stream, "lt": bench_lt, "chain": bench_chain}
     for fn in (sections[s] for s in args.sections.split(",")):
         t0 = time.perf_counter()
         fn(out)

@@ -78,7 +78,7 @@ def test_tuning_table_round_trip_and_lookup():
                gemv_rows={"4096x4096": 4, "6144x4096": 1}, gemv_unroll={"6144x4096": 4},
                gemv_gpu_grid={"6144x4096": False}, skinny={"4096x4096": {16: [64, 4, 64, 4], 64: [128, 2, 128, 3]}},
                lt={"4096x14336": {64: [7, 1, 2, 3, 4, 5, 6, 2 ** 63 + 9], 256: list(range(8))}},
-               tma={"28672x4096": {8: [2, 4, 6], 64: [1, 1, 6]}})
+               tma={"28672x4096": {8: [2, 4, 6], 64: [1, 1, 6]}}, stream={"6144x4096": {1: [8, 192, 1], 3: [16, 128, 1]}})
     back = Tuning.from_dict(json.loads(json.dumps(t.to_dict())))
     assert back == t
     assert [t.splits_for(b, 8) for b in (1, 2, 8, 9, 64, 300)] == [32, 4, 4, 1, 1, 1]
@@ -92,6 +92,8 @@ def test_tuning_table_round_trip_and_lookup():
     assert [t.lt_algo(4096, 14336, m) is not None for m in (1, 32, 33, 64, 65, 129, 256, 257, 8192, 8193)] == \
         [False, False, True, True, False, True, True, False, False, False]   # row buckets 16 / 32 / ... / 8192
     assert t.lt_algo(4096, 14336, 200) == list(range(8)) and t.lt_algo(4096, 4096, 64) is None
+    assert [t.stream_choice(6144, 4096, m) for m in (1, 2, 3, 4, 5)] == [(8, 192, 1), None, (16, 128, 1), None, None]
+    assert t.stream_choice(4096, 4096, 1) is None
     assert [t.tma_choice(28672, 4096, m) for m in (1, 8, 9, 33, 64, 65, 129)] == \
         [(2, 4, 6), (2, 4, 6), None, (1, 1, 6), (1, 1, 6), None, None]   # row buckets 8 / 16 / 32 / 64 / 128
 

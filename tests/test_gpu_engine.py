@@ -75,6 +75,37 @@ def test_bf16_logits_close_to_cpu_reference(shard_dirs, name):
     assert rows >= 20 and worst < 3e-2, (worst, rows)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_engine_on_stream_gemv_close_to_cpu_reference(shard_dirs, tmp_path, monkeypatch, name):
+    """An engine whose tuning table sends every weight shape at 1-4 rows to stream_gemv (decode steps under
+    CUDA graphs and eager ones) against the CPU reference, as the bf16 test above."""
+    from workers.build import build_engine
+    from workers.kernels import stream_gemv as sg
+    from workers.kernels import tuning
+    from workers.kernels.autotune import linear_shapes
+
+    if not sg.available():
+        pytest.skip("stream_gemv runs on sm_90+ GPUs only")
+    shard = shard_dirs[(name, "bfloat16")]
+    eng_dir = build_engine(shard, tmp_path / "engines", tune=False)
+    shapes = linear_shapes(json.loads((shard / "manifest.json").read_text())["model_config"], 1)
+    table = tuning.Tuning(stream={f"{n}x{k}": {m: [4, 128, 1] for m in range(1, 5)} for n, k in shapes.values()})
+    (eng_dir / "tuning.json").write_text(json.dumps(table.to_dict()))
+    calls = []
+    real = sg.stream_gemv
+    monkeypatch.setattr(sg, "stream_gemv", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    try:
+        cpu = run_scenario(Engine(shard, device="cpu", num_kv_blocks=BLOCKS, block_size=BS), _vocab(shard))
+        eng = Engine(eng_dir, device="cuda", num_kv_blocks=BLOCKS, block_size=BS)
+        assert tuning.CURRENT.stream == table.stream
+        gpu = run_scenario(eng, _vocab(shard))
+    finally:
+        tuning.set_current(tuning.Tuning())
+    assert set(calls) >= {1, 2} and eng.decode_graphs.graphs
+    worst, rows = _compare_until_divergence(gpu, cpu)
+    assert rows >= 20 and worst < 3e-2, (worst, rows)
+
+
 def test_graph_decode_pads_batches_without_touching_other_slots(shard_dirs):
     """A decode batch of 3 runs in the bucket of 4: the padding row must not write the KV cache."""
     shard = shard_dirs[("llama_gqa_rope3", "float32")]

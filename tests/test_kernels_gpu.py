@@ -20,6 +20,7 @@ from workers.kernels.rms_norm import rms_norm  # noqa: E402
 from workers.kernels.rope_cache import rope_and_cache_write  # noqa: E402
 from workers.kernels.silu_mul import silu_mul  # noqa: E402
 from workers.kernels.skinny_gemm import fits as skinny_fits, skinny_gemm, supported as skinny_supported  # noqa: E402
+from workers.kernels import stream_gemv as stream  # noqa: E402
 from workers.kernels import tma_gemm as tma  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -232,29 +233,41 @@ def test_backend_linear_glu_matches_the_reference_backend(M):
     assert rel_err(cuda.linear_glu(x, w), cpu.linear_glu(x.double(), w.double())) < 1e-2
 
 
-def _chain(x: torch.Tensor, w: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
-    """A long chain of dependent kernels: each reads what the one before wrote."""
+def _chain(x: torch.Tensor, w: torch.Tensor, ws: list[torch.Tensor], mv=gemv) -> torch.Tensor:
+    """A long chain of dependent kernels: each reads what the one before wrote (every third step two GEMVs
+    back to back, the second reading the first's output)."""
     h, res = rms_norm(x, w, 1e-5)
-    for wm in ws:
-        y = gemv(h, wm)
+    for i, wm in enumerate(ws):
+        y = mv(h, wm)
+        if i % 3 == 2:
+            y = mv(y, wm)
         h, res = rms_norm(y, w, 1e-5, res)
     return h
 
 
-def test_programmatic_dependent_launch_keeps_kernel_order():
-    """With PDL each kernel may start before the previous one ends; captured in a graph, a chain of 60
-    dependent kernels must still give exactly what the same launches give with PDL off."""
+def _stream_mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return stream.stream_gemv(x, w, choice=(8, 192, 1))
+
+
+@pytest.mark.parametrize("mv", ["gemv", "stream_gemv"])
+def test_programmatic_dependent_launch_keeps_kernel_order(mv):
+    """With PDL each kernel may start before the previous one ends (stream_gemv requests weights before it
+    waits); captured in a graph, a chain of 70 dependent kernels must still give exactly what the same
+    launches give with PDL off."""
     from workers.kernels import _nvrtc
 
     cap = torch.cuda.get_device_capability()
+    if mv == "stream_gemv" and not stream.available():
+        pytest.skip("stream_gemv runs on sm_90+ GPUs only")
+    mv = gemv if mv == "gemv" else _stream_mv
     x, w = rnd(4, 4096, dtype=torch.bfloat16), rnd(4096, dtype=torch.bfloat16, scale=0.5) + 1
     ws = [rnd(4096, 4096, dtype=torch.bfloat16, scale=4096 ** -0.5) for _ in range(30)]
     _nvrtc._pdl_enabled.cache_clear()
     assert _nvrtc._pdl_enabled(torch.cuda.current_device()) == (cap[0] >= 9)
-    _chain(x, w, ws)
+    _chain(x, w, ws, mv)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = _chain(x, w, ws)
+        out = _chain(x, w, ws, mv)
     results = []
     for _ in range(3):
         x.copy_(rnd(4, 4096, dtype=torch.bfloat16))
@@ -266,7 +279,7 @@ def test_programmatic_dependent_launch_keeps_kernel_order():
     try:
         assert not _nvrtc._pdl_enabled(torch.cuda.current_device())
         for xi, got in results:
-            assert torch.equal(_chain(xi, w, ws), got)
+            assert torch.equal(_chain(xi, w, ws, mv), got)
     finally:
         del os.environ["ORCH_PDL"]
         _nvrtc._pdl_enabled.cache_clear()
@@ -358,25 +371,30 @@ def test_tma_gemm_glu(dtype, M, I, K, choice):
     assert rel_err(y, torch.nn.functional.silu(g) * u) < 2 * TOL[dtype]
 
 
-@needs_tma
-def test_tma_gemm_is_deterministic_graph_safe_and_pdl_ordered():
-    """Split-K across the cluster gives the same bits run after run; it replays inside a CUDA graph on new
-    inputs; and, run right after the kernel that writes its x (PDL), it reads the new x."""
-    x, w = rnd(64, 14336, dtype=torch.bfloat16), rnd(4096, 14336, dtype=torch.bfloat16, scale=14336 ** -0.5)
-    first = tma.tma_gemm(x, w, choice=(1, 8, 6))
+def _deterministic_graph_safe_pdl_ordered(run, m: int) -> None:
+    """run(x, w) gives the same bits run after run; it replays inside a CUDA graph on new inputs; and, run
+    right after the kernel that writes its x (PDL), it reads the new x."""
+    x, w = rnd(m, 14336, dtype=torch.bfloat16), rnd(4096, 14336, dtype=torch.bfloat16, scale=14336 ** -0.5)
+    first = run(x, w)
     for _ in range(3):
-        assert torch.equal(tma.tma_gemm(x, w, choice=(1, 8, 6)), first)
-    src = rnd(64, 14336, dtype=torch.bfloat16)
+        assert torch.equal(run(x, w), first)
+    src = rnd(m, 14336, dtype=torch.bfloat16)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         x.copy_(src * 2)   # the kernel before it writes x
-        y = tma.tma_gemm(x, w, choice=(1, 8, 6))
+        y = run(x, w)
     for _ in range(3):
-        src.copy_(rnd(64, 14336, dtype=torch.bfloat16))
+        src.copy_(rnd(m, 14336, dtype=torch.bfloat16))
         g.replay()
         torch.cuda.synchronize()
-        assert torch.equal(y, tma.tma_gemm(src * 2, w, choice=(1, 8, 6)))
+        assert torch.equal(y, run(src * 2, w))
         assert rel_err(y, ref.gemv(src.double() * 2, w.double())) < 1e-2
+
+
+@needs_tma
+def test_tma_gemm_is_deterministic_graph_safe_and_pdl_ordered():
+    """Split-K across the cluster: the same bits every run, in a graph, after the kernel writing x."""
+    _deterministic_graph_safe_pdl_ordered(lambda x, w: tma.tma_gemm(x, w, choice=(1, 8, 6)), 64)
 
 
 @needs_tma
@@ -494,3 +512,81 @@ def test_kernels_run_inside_a_cuda_graph():
     torch.cuda.synchronize()
     want = ref.gemv(ref.rms_norm(x.double(), w.double(), 1e-5)[0], wm.double())
     assert rel_err(y, want) < 2e-2
+
+
+needs_stream = pytest.mark.skipif(not stream.available(), reason="stream_gemv runs on sm_90+ GPUs only")
+
+
+@needs_stream
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (7, 24), (1027, 14336), (6144, 4096), (300, 1000)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("choice", stream.CHOICES)
+def test_stream_gemv(dtype, M, N, K, bias, choice):
+    x = rnd(M, K, dtype=dtype)
+    w = rnd(N, K, dtype=dtype, scale=K ** -0.5)
+    b = rnd(N, dtype=dtype) if bias else None
+    if not stream.supported(x, w, choice):
+        pytest.skip("fewer than CWARPS stages fit")
+    poison()
+    y = stream.stream_gemv(x, w, b, choice=choice)
+    assert y.shape == (M, N)
+    assert rel_err(y, ref.gemv(x.double(), w.double(), None if b is None else b.double())) < TOL[dtype]
+
+
+@needs_stream
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("I,K", [(14336, 4096), (7, 24), (1027, 14336)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("choice", [(4, 192, 1), (8, 112, 2), (16, 192, 1)])
+def test_stream_gemv_glu(dtype, M, I, K, bias, choice):
+    """silu(gate) * up in the epilogue: against float64, and rounded bit for bit as the plain kernel
+    followed by silu_mul (fusing must not move greedy tokens)."""
+    x = rnd(M, K, dtype=dtype)
+    w = rnd(2 * I, K, dtype=dtype, scale=K ** -0.5)
+    b = rnd(2 * I, dtype=dtype) if bias else None
+    if not stream.supported(x, w, choice, glu=True):
+        pytest.skip("fewer than CWARPS stages fit")
+    poison()
+    y = stream.stream_gemv(x, w, b, choice=choice, glu=True)
+    assert y.shape == (M, I)
+    want = ref.silu_mul(ref.gemv(x.double(), w.double(), None if b is None else b.double()))
+    assert rel_err(y, want) < 2 * TOL[dtype]
+    if b is None:
+        # the plain kernel over [gate; up] splits rows across blocks differently: same sums per row though
+        assert torch.equal(y, silu_mul(torch.cat([stream.stream_gemv(x, w[:I], choice=choice),
+                                                  stream.stream_gemv(x, w[I:], choice=choice)], dim=1)))
+
+
+@needs_stream
+def test_stream_gemv_is_deterministic_graph_safe_and_pdl_ordered():
+    """Weights requested before the PDL wait, x read after it: the same bits every run, in a graph, after
+    the kernel writing x."""
+    _deterministic_graph_safe_pdl_ordered(lambda x, w: stream.stream_gemv(x, w, choice=(4, 192, 1)), 2)
+
+
+@needs_stream
+def test_backend_linear_takes_stream_gemv_where_tuned():
+    """The GPU backend runs stream_gemv at the row counts the tuning table names for a shape, gemv at the
+    others; and rejects what stream_gemv cannot run."""
+    from workers.backends import cuda
+    from workers.kernels import tuning
+
+    w = rnd(1536, 4096, dtype=torch.bfloat16, scale=4096 ** -0.5)
+    old = tuning.CURRENT
+    tuning.set_current(tuning.Tuning(gemv_max_m={"1536x4096": 4},
+                                     stream={"1536x4096": {1: [8, 112, 2], 3: [4, 192, 1]}}))
+    try:
+        x1, x2, x3 = (rnd(m, 4096, dtype=torch.bfloat16) for m in (1, 2, 3))
+        assert torch.equal(cuda.linear(x1, w), stream.stream_gemv(x1, w, choice=(8, 112, 2)))
+        assert torch.equal(cuda.linear(x3, w), stream.stream_gemv(x3, w, choice=(4, 192, 1)))
+        assert torch.equal(cuda.linear(x2, w), gemv(x2, w))
+        assert torch.equal(cuda.linear_glu(x1, w), stream.stream_gemv(x1, w, choice=(8, 112, 2), glu=True))
+    finally:
+        tuning.set_current(old)
+    assert not stream.supported(rnd(5, 64, dtype=torch.bfloat16), rnd(8, 64, dtype=torch.bfloat16))
+    assert not stream.supported(rnd(1, 64, dtype=torch.float32), rnd(8, 64, dtype=torch.float32))
+    assert not stream.supported(rnd(1, 12, dtype=torch.bfloat16), rnd(8, 12, dtype=torch.bfloat16))
+

@@ -91,6 +91,7 @@ def kernel_specs(model_config: dict, tp: int, dtype: str, sm: str | None = None)
     from workers.kernels.paged_attention import module_spec as attn_spec
     from workers.kernels.skinny_gemm import module_specs as skinny_specs
     from workers.kernels.tma_gemm import module_specs as tma_specs
+    from workers.kernels.stream_gemv import module_specs as stream_specs
     from workers.kernels._nvrtc import spec
     from workers.layout import local_heads
     from workers.models.config import ModelConfig
@@ -100,7 +101,8 @@ def kernel_specs(model_config: dict, tp: int, dtype: str, sm: str | None = None)
     q, kv = local_heads(cfg, tp, 0)
     specs = [spec("rms_norm", dt), spec("silu_mul", dt), spec("rope_cache", dt),
              *(spec("gemv", dt, ROWS=r, UNROLL=u) for r, u in GEMV_VARIANTS),
-             *(tma_specs(dt, sm) or skinny_specs(dt))]   # tma_gemm where the GPU has it, else skinny_gemm
+             *(tma_specs(dt, sm) or skinny_specs(dt)),   # tma_gemm where the GPU has it, else skinny_gemm
+             *stream_specs(dt, sm)]
     if cfg.head_dim % 8 == 0:
         specs += sorted({attn_spec(dt, cfg.head_dim, len(q) // len(kv), st) for st in STAGE_CHOICES},
                         key=lambda s: s.defines)

@@ -13,6 +13,7 @@ from workers.kernels import cublaslt as _lt
 from workers.kernels import gemv as _gemv
 from workers.kernels import paged_attention as _attn
 from workers.kernels import skinny_gemm as _skinny
+from workers.kernels import stream_gemv as _stream
 from workers.kernels import tma_gemm as _tma
 from workers.kernels import tuning
 from workers.kernels.rms_norm import rms_norm
@@ -30,6 +31,12 @@ all_gather_last_dim = _ref.all_gather_last_dim
 def _on_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether x @ w.T runs on our gemv: few rows (per the tuning table), a shape it takes."""
     return x.shape[0] <= tuning.CURRENT.gemv_limit(w.shape[0], w.shape[1]) and _gemv.supported(x, w)
+
+
+def _stream_choice(x: torch.Tensor, w: torch.Tensor, glu: bool = False) -> tuple[int, int, int] | None:
+    """stream_gemv's launch for x @ w.T where the tuning table has it beating gemv at this many rows."""
+    c = tuning.CURRENT.stream_choice(w.shape[0], w.shape[1], x.shape[0])
+    return c if c is not None and _stream.supported(x, w, c, glu) else None
 
 
 def _skinny_choice(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int] | None:
@@ -68,15 +75,21 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) 
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias): our gemv for the few-row shapes where it beats cuBLAS, our tensor-core GEMMs for
-    decode batches where they do (all per the tuning table), cuBLAS otherwise (cuBLASLt with a tuned
-    algorithm at decode row counts)."""
+    """x @ w.T (+ bias): stream_gemv or our gemv for the few-row shapes where they beat cuBLAS, our
+    tensor-core GEMMs for decode batches where they do (all per the tuning table), cuBLAS otherwise
+    (cuBLASLt with a tuned algorithm at decode row counts)."""
+    s = _stream_choice(x, w)
+    if s:
+        return _stream.stream_gemv(x, w, bias, s)
     return _gemv.gemv(x, w, bias) if _on_gemv(x, w) else _matmul(x, w, bias)
 
 
 def linear_glu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up in the epilogue of gemv (few rows) or tma_gemm (decode batches, where tuned): no
-    silu_mul kernel; a GEMM + silu_mul otherwise."""
+    """silu(gate) * up in the epilogue of stream_gemv or gemv (few rows) or tma_gemm (decode batches, where
+    tuned): no silu_mul kernel; a GEMM + silu_mul otherwise."""
+    s = _stream_choice(x, w, glu=True)
+    if s:
+        return _stream.stream_gemv(x, w, choice=s, glu=True)
     if _on_gemv(x, w):
         return _gemv.gemv(x, w, glu=True)
     t = _tma_choice(x, w)

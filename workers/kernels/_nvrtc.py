@@ -264,7 +264,8 @@ def _attrs(pdl: bool, cluster: tuple[int, int, int] | None) -> tuple[Any, int]:
 
 @functools.lru_cache(maxsize=None)
 def clusters_supported(device: int) -> bool:
-    """Whether kernels can be launched in thread-block clusters here (sm_90+, cuLaunchKernelEx)."""
+    """Whether the launch attributes of sm_90+ (thread-block clusters, PDL) can be used here: an sm_90+ GPU
+    and a driver with cuLaunchKernelEx."""
     if torch.cuda.get_device_capability(device)[0] < 9:
         return False
     try:
@@ -275,13 +276,8 @@ def clusters_supported(device: int) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _pdl_enabled(device: int) -> bool:
-    """PDL on sm_90+ unless ORCH_PDL=0, when the driver has cuLaunchKernelEx."""
-    if os.environ.get("ORCH_PDL", "1") == "0" or torch.cuda.get_device_capability(device)[0] < 9:
-        return False
-    try:
-        return hasattr(_driver(), "cuLaunchKernelEx")
-    except OSError:
-        return False
+    """PDL where `clusters_supported` (sm_90+, cuLaunchKernelEx) unless ORCH_PDL=0."""
+    return os.environ.get("ORCH_PDL", "1") != "0" and clusters_supported(device)
 
 
 _CONFIGS: dict[tuple, _LaunchConfig] = {}

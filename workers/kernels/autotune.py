@@ -1,6 +1,7 @@
 """Launch-choice tuning on this GPU for one shard's shapes (run by the engine build)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -11,6 +12,7 @@ from workers.kernels import cublaslt as _lt
 from workers.kernels import gemv as _gemv
 from workers.kernels import paged_attention as _attn
 from workers.kernels import skinny_gemm as _skinny
+from workers.kernels import stream_gemv as _stream
 from workers.kernels import tma_gemm as _tma
 from workers.kernels.silu_mul import silu_mul
 from workers.kernels.tuning import LT_BUCKETS, Tuning
@@ -137,6 +139,15 @@ def tune_lt(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
     return out
 
 
+def _cublas(x: torch.Tensor, ws: list[torch.Tensor], tuned: Tuning, n: int, k: int) -> Callable[[int], Any]:
+    """The cuBLAS GEMM decode would run for x @ ws[i].T: the cuBLASLt algorithm `tuned` has for this shape
+    and row count where it runs it, else torch's matmul."""
+    algo = tuned.lt_algo(n, k, x.shape[0])
+    if algo is not None and _lt.usable(x, ws[0], algo):
+        return lambda i: _lt.matmul(x, ws[i], algo)
+    return lambda i: F.linear(x, ws[i])
+
+
 def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
                 tuned: Tuning | None = None) -> dict[str, dict[int, list[int]]]:
     """Per "NxK": row bucket -> skinny_gemm's fastest choice where it beats cuBLAS at that many rows (with
@@ -149,11 +160,7 @@ def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             per = {c: time_ms(lambda i, c=c: _skinny.skinny_gemm(x, ws[i], choice=c), copies)
                    for c in _skinny.CHOICES if _skinny.fits(c, m, dtype)}
-            algo = tuned.lt_algo(n, k, m)
-            if algo is not None and _lt.usable(x, ws[0], algo):
-                theirs = time_ms(lambda i: _lt.matmul(x, ws[i], algo), copies)
-            else:
-                theirs = time_ms(lambda i: F.linear(x, ws[i]), copies)
+            theirs = time_ms(_cublas(x, ws, tuned, n, k), copies)
             best = min(per, key=per.get)
             log.info("skinny %s M=%d: cuBLAS %.4f ms, ours %s", name, m, theirs,
                      {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
@@ -161,6 +168,17 @@ def tune_skinny(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
                 out.setdefault(f"{n}x{k}", {})[m] = list(best)
         del ws
     return out
+
+
+def _keep_fastest(out: dict[str, dict[int, list[int]]], key: str, m: int, per: dict[tuple, float], theirs: float,
+                  margin: float, what: str) -> None:
+    """Log a kernel's timings `per` choice at m rows against the other GEMM's, and keep the fastest choice
+    in out[key][m] unless the other one is more than `margin` faster."""
+    best = min(per, key=per.get)
+    log.info("%s M=%d: other %.4f ms, ours %s", what, m, theirs,
+             {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
+    if per[best] <= theirs * (1 + margin):
+        out.setdefault(key, {})[m] = list(best)
 
 
 TMA_MARGIN = 0.10   # tma_gemm is kept at a row bucket unless the other GEMM times this much faster alone
@@ -190,20 +208,50 @@ def tune_tma(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
                 continue
             per = {c: time_ms(lambda i, c=c: _tma.tma_gemm(x, ws[i], choice=c, glu=glu), copies)
                    for c in _tma.CHOICES if _tma.fits(c, m)}
-            skinny, algo = tuned.skinny_choice(n, k, m), tuned.lt_algo(n, k, m)
+            skinny = tuned.skinny_choice(n, k, m)
             if skinny is not None:
                 other = lambda i: _skinny.skinny_gemm(x, ws[i], choice=skinny)   # noqa: E731
-            elif algo is not None and _lt.usable(x, ws[0], algo):
-                other = lambda i: _lt.matmul(x, ws[i], algo)   # noqa: E731
             else:
-                other = lambda i: F.linear(x, ws[i])   # noqa: E731
+                other = _cublas(x, ws, tuned, n, k)
             theirs = time_ms((lambda i: silu_mul(other(i))) if glu else other, copies)
-            best = min(per, key=per.get)
-            log.info("tma %s M=%d: other %.4f ms, ours %s", name, m, theirs,
-                     {"x".join(map(str, c)): round(v, 4) for c, v in per.items()})
-            if per[best] <= theirs * (1 + TMA_MARGIN):
-                out.setdefault(f"{n}x{k}", {})[m] = list(best)
+            _keep_fastest(out, f"{n}x{k}", m, per, theirs, TMA_MARGIN, f"tma {name}")
         del ws
+    return out
+
+
+STREAM_MARGIN = 0.0   # stream_gemv is kept at a row count unless what runs otherwise times this much faster alone
+
+
+def tune_stream(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
+                tuned: Tuning | None = None) -> dict[str, dict[int, list[int]]]:
+    """Per "NxK": row count (1 .. stream_gemv.MAX_M) -> stream_gemv's fastest choice unless what decode
+    would run otherwise under `tuned` (gemv, tma_gemm, skinny_gemm or cuBLAS, as the GPU backend picks;
+    with silu(gate) * up for gate_up, as decode runs it) times more than STREAM_MARGIN faster; nothing off
+    sm_90+ GPUs."""
+    from workers.backends import cuda as _backend
+    from workers.kernels import tuning as _tuning
+
+    out: dict[str, dict[int, list[int]]] = {}
+    if not _stream.available():
+        return out
+    tuned = tuned or Tuning()
+    old = _tuning.CURRENT
+    _tuning.set_current(dataclasses.replace(tuned, stream={}))   # the backend's choice without stream_gemv
+    try:
+        for name, n, k, ws in _weight_sets(shapes, dtype):
+            copies, glu = len(ws), name == "gate_up"
+            other = _backend.linear_glu if glu else _backend.linear
+            for m in range(1, _stream.MAX_M + 1):
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                per = {c: time_ms(lambda i, c=c: _stream.stream_gemv(x, ws[i], choice=c, glu=glu), copies)
+                       for c in _stream.CHOICES if _stream.supported(x, ws[0], c, glu)}
+                if not per:
+                    continue
+                theirs = time_ms(lambda i: other(x, ws[i]), copies)
+                _keep_fastest(out, f"{n}x{k}", m, per, theirs, STREAM_MARGIN, f"stream {name}")
+            del ws
+    finally:
+        _tuning.set_current(old)
     return out
 
 
@@ -257,6 +305,7 @@ def tune_shard(shard_manifest: dict, specs: list[Any]) -> Tuning:
         t.tma = tune_tma(shapes, dtype, t)
     else:
         t.skinny = tune_skinny(shapes, dtype, t)
+    t.stream = tune_stream(shapes, dtype, t)   # against what the tables above run at 1-4 rows
     probe_q = torch.empty(1, len(q), cfg.head_dim, dtype=dtype, device="cuda")
     probe_k = torch.empty(1, 16, len(kv), cfg.head_dim, dtype=dtype, device="cuda")
     if _attn.supported(probe_q, probe_k):

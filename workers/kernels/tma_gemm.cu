@@ -31,20 +31,6 @@
 
 struct __align__(64) TensorMap { unsigned long long v[16]; };   // a CUtensorMap, passed by value
 
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-  asm volatile("{\n.reg .pred p;\nLAB_WAIT:\n"
-               "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-               "@!p bra LAB_WAIT;\n}" :: "r"(bar), "r"(parity) : "memory");
-}
 // A 2-D box of a tensor map (coordinates innermost first) into shared memory, completing on `bar`.
 __device__ __forceinline__ void tma_load(unsigned dst, const TensorMap* map, int c0, int c1, unsigned bar,
                                          unsigned long long policy) {
@@ -52,17 +38,6 @@ __device__ __forceinline__ void tma_load(unsigned dst, const TensorMap* map, int
                " [%0], [%1, {%2, %3}], [%4], %5;"
                :: "r"(dst), "l"((unsigned long long)map), "r"(c0), "r"(c1), "r"(bar), "l"(policy) : "memory");
 }
-__device__ __forceinline__ unsigned long long l2_policy_evict_first() {
-  unsigned long long p;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
-  return p;
-}
-__device__ __forceinline__ unsigned long long l2_policy_evict_last() {
-  unsigned long long p;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
-  return p;
-}
-
 // wgmma shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups 1 KB apart
 __device__ __forceinline__ unsigned long long smem_desc(unsigned addr) {
   return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);

@@ -23,6 +23,7 @@ class Tuning:
     skinny: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # "NxK" -> row bucket -> choice
     lt: dict[str, dict[int, list[int]]] = field(default_factory=dict)      # "NxK" -> row bucket -> cuBLASLt algo
     tma: dict[str, dict[int, list[int]]] = field(default_factory=dict)     # "NxK" -> row bucket -> tma_gemm choice
+    stream: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # "NxK" -> rows -> stream_gemv choice
 
     def splits_for(self, batch: int, nkv: int) -> int:
         """Splits of the decode attention for `batch` sequences (tuned, else enough blocks for 2 waves)."""
@@ -48,22 +49,23 @@ class Tuning:
     def skinny_choice(self, n: int, k: int, m: int) -> tuple[int, int, int, int] | None:
         """skinny_gemm's launch (weight rows per block, K splits, K columns per stage, stages) for an [n,k]
         weight at m rows, or None where cuBLAS was faster (or the shape was not tuned)."""
-        from workers.kernels.skinny_gemm import MAX_M, row_bucket
+        from workers.kernels import skinny_gemm
 
-        if m > MAX_M:
-            return None
-        c = self.skinny.get(f"{n}x{k}", {}).get(row_bucket(m))
-        return tuple(c) if c else None
+        return _bucketed(self.skinny, n, k, m, skinny_gemm)
 
     def tma_choice(self, n: int, k: int, m: int) -> tuple[int, int, int] | None:
         """tma_gemm's launch (warpgroups, K splits, stages) for an [n,k] weight at m rows, or None where
         another GEMM was faster (or the shape was not tuned)."""
-        from workers.kernels.tma_gemm import MAX_M, row_bucket
+        from workers.kernels import tma_gemm
 
-        if m > MAX_M:
-            return None
-        c = self.tma.get(f"{n}x{k}", {}).get(row_bucket(m))
-        return tuple(c) if c else None
+        return _bucketed(self.tma, n, k, m, tma_gemm)
+
+    def stream_choice(self, n: int, k: int, m: int) -> tuple[int, int, int] | None:
+        """stream_gemv's launch (KB a copy, KB of the ring, blocks an SM) for an [n,k] weight at m rows, or
+        None where gemv was faster (or the shape was not tuned)."""
+        from workers.kernels import stream_gemv
+
+        return _bucketed(self.stream, n, k, m, stream_gemv)
 
     def lt_algo(self, n: int, k: int, m: int) -> list[int] | None:
         """The cuBLASLt algorithm (8 integers) for an [n,k] weight at m rows where one beat torch's matmul in
@@ -76,9 +78,8 @@ class Tuning:
         d = asdict(self)
         d["attention_splits"] = {str(k): v for k, v in self.attention_splits.items()}
         d["attention_stages"] = {str(k): v for k, v in self.attention_stages.items()}
-        d["skinny"] = {key: {str(m): list(c) for m, c in per.items()} for key, per in self.skinny.items()}
-        d["lt"] = {key: {str(m): list(a) for m, a in per.items()} for key, per in self.lt.items()}
-        d["tma"] = {key: {str(m): list(c) for m, c in per.items()} for key, per in self.tma.items()}
+        for name in _PER_BUCKET:
+            d[name] = {key: {str(m): list(c) for m, c in per.items()} for key, per in getattr(self, name).items()}
         return d
 
     @classmethod
@@ -93,12 +94,20 @@ class Tuning:
                    default_gemv_rows=int(d.get("default_gemv_rows", 2)),
                    gemv_unroll={str(k): int(v) for k, v in d.get("gemv_unroll", {}).items()},
                    gemv_gpu_grid={str(k): bool(v) for k, v in d.get("gemv_gpu_grid", {}).items()},
-                   skinny={str(key): {int(m): [int(v) for v in c] for m, c in per.items()}
-                           for key, per in d.get("skinny", {}).items()},
-                   lt={str(key): {int(m): [int(v) for v in a] for m, a in per.items()}
-                       for key, per in d.get("lt", {}).items()},
-                   tma={str(key): {int(m): [int(v) for v in c] for m, c in per.items()}
-                        for key, per in d.get("tma", {}).items()})
+                   **{name: {str(key): {int(m): [int(v) for v in c] for m, c in per.items()}
+                             for key, per in d.get(name, {}).items()} for name in _PER_BUCKET})
+
+
+_PER_BUCKET = ("skinny", "lt", "tma", "stream")   # the "NxK" -> row bucket -> integers tables
+
+
+def _bucketed(table: dict[str, dict[int, list[int]]], n: int, k: int, m: int, kernel: Any) -> tuple | None:
+    """A GEMM kernel's tuned launch for an [n,k] weight at m rows: its entry at the kernel's row bucket for
+    m (`kernel`: a module with MAX_M and row_bucket), None past MAX_M or where none was kept."""
+    if m > kernel.MAX_M:
+        return None
+    c = table.get(f"{n}x{k}", {}).get(kernel.row_bucket(m))
+    return tuple(c) if c else None
 
 
 def _per_batch(table: dict[int, Any], batch: int) -> Any:
