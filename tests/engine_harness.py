@@ -175,6 +175,11 @@ def _rank_main(rank: int, world: int, tp: int, pp: int, init_method: str, jobs: 
                 engine.serve_forever()
         if ctx.is_driver:
             torch.save(results, out_path)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()   # now: leaving the group may block after a failure (NCCL)
+        raise
     finally:
         ctx.close()
 
