@@ -64,14 +64,15 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30, reps: int = 20) -> float:
     return 2 * nbytes / sorted(times)[len(times) // 2] / 1e9
 
 
-def write_random_shard(out: Path, seed: int = 0) -> Path:
-    """A tp1/pp1 shard of the benchmark model with random bf16 weights, generated on the GPU."""
+def write_random_shard(out: Path, seed: int = 0, tp: int = 1, tp_rank: int = 0) -> Path:
+    """Tensor-parallel rank tp_rank of tp (pp 1) of the benchmark model, random bf16 weights generated
+    on the current GPU."""
     from workers.convert import FORMAT, FORMAT_VERSION, CONVERTER_VERSION, MANIFEST, WEIGHTS, content_hash
     from workers.convert import get_transform, plan_shard
     from workers.models.config import parse_model_config
 
     cfg = parse_model_config(config_dict())
-    plan = plan_shard(cfg, 1, 1, 0, 0, get_transform("none", torch.bfloat16))
+    plan = plan_shard(cfg, tp, 1, tp_rank, 0, get_transform("none", torch.bfloat16))
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     tensors = {}
@@ -86,7 +87,7 @@ def write_random_shard(out: Path, seed: int = 0) -> Path:
             tensors[o.name] = {"shape": list(o.shape), "dtype": "bfloat16",
                                "sha256": hashlib.sha256(f"random seed {seed} {o.name}".encode()).hexdigest()}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "converter_version": CONVERTER_VERSION,
-                "model_config": cfg.to_dict(), "tp_size": 1, "pp_size": 1, "tp_rank": 0, "pp_rank": 0,
+                "model_config": cfg.to_dict(), "tp_size": tp, "pp_size": 1, "tp_rank": tp_rank, "pp_rank": 0,
                 "layer_start": 0, "layer_stop": cfg.num_layers, "dtype": "bfloat16", "quantization": "none",
                 "source_files": {"random-weights": f"seed {seed}"}, "tensors": tensors,
                 "content_hash": content_hash(plan.header, tensors)}

@@ -148,9 +148,11 @@ def compare_with_reference(result: dict, hf_model) -> tuple[float, int]:
 # --- multi-process ranks -----------------------------------------------------------------------------
 
 def _rank_main(rank: int, world: int, tp: int, pp: int, init_method: str, jobs: list[tuple[str, int]],
-               out_path: str, num_kv_blocks: int, block_size: int, device: str) -> None:
+               out_path: str, num_kv_blocks: int, block_size: int, device: str, ops: str | None) -> None:
     """One rank: join the group once, then load and run each (shard_dir, vocab) job in turn.
-    On "cuda" rank r uses GPU r, NCCL for compute and the reference ops (plain torch) on the GPU."""
+    On "cuda" rank r uses GPU r and NCCL for compute; ops "cpu": the reference ops (plain torch) on
+    the GPU, None: the device's own (the CUDA kernels, decode under CUDA graphs where the engine uses
+    them). Each result records whether the driver's decode steps ran under CUDA graphs ("graphs")."""
     torch.set_num_threads(1)
     from workers.dist import DistContext
     from workers.engine import Engine
@@ -164,14 +166,20 @@ def _rank_main(rank: int, world: int, tp: int, pp: int, init_method: str, jobs: 
     try:
         for shard_dir, vocab in jobs:
             engine = Engine(shard_dir, num_kv_blocks=num_kv_blocks, block_size=block_size, dist=ctx,
-                            device=device, ops="cpu")
+                            device=device, ops=ops)
             if ctx.is_driver:
                 results.append(run_scenario(engine, vocab))
+                results[-1]["graphs"] = bool(engine.decode_graphs is not None and engine.decode_graphs.graphs)
                 engine.shutdown(close_dist=False)
             else:
                 engine.serve_forever()
         if ctx.is_driver:
             torch.save(results, out_path)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()   # now: leaving the group may block after a failure (NCCL)
+        raise
     finally:
         ctx.close()
 
@@ -217,13 +225,13 @@ def _spawn(fn, args: tuple, world: int, timeout_s: float) -> None:
 
 
 def run_ranks(jobs: list[tuple[str, int]], tp: int, pp: int, out_path: Path, num_kv_blocks: int = 64,
-              block_size: int = 4, timeout_s: float = 120.0, device: str = "cpu") -> list[dict]:
+              block_size: int = 4, timeout_s: float = 120.0, device: str = "cpu", ops: str | None = "cpu") -> list[dict]:
     """Run the scenario for each job on tp*pp processes sharing one group (gloo on CPU, NCCL on GPUs);
-    returns the driver's results per job."""
+    returns the driver's results per job. ops: see _rank_main."""
     from workers.dist import free_port
 
     init = f"tcp://127.0.0.1:{free_port()}"
-    _spawn(_rank_main, (tp * pp, tp, pp, init, jobs, str(out_path), num_kv_blocks, block_size, device),
+    _spawn(_rank_main, (tp * pp, tp, pp, init, jobs, str(out_path), num_kv_blocks, block_size, device, ops),
            tp * pp, timeout_s)
     return torch.load(out_path)
 

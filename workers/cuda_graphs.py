@@ -110,7 +110,10 @@ class DecodeGraphs:
                 self._forward(b)   # recomputes this very step: same K/V written to the same slots
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # tensor parallel: NCCL's watchdog thread polls events while this thread captures; "thread_local"
+        # keeps its calls from invalidating the capture (the default, "global", forbids them process-wide)
+        mode = "thread_local" if getattr(self.model, "tp", 1) > 1 else "global"
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
             logits = self._forward(b)
         if self.pool is None:
             self.pool = graph.pool()

@@ -148,7 +148,7 @@ class Engine:
                           for _ in self.model.layers]
         self._stopped = False
         self.decode_graphs = None   # GPU: engine-dir pins checked, tuned kernels loaded, decode under CUDA graphs
-        if kernels and cuda_graphs and (dist is None or dist.world_size == 1):
+        if kernels and cuda_graphs and pp == 1:   # tensor-parallel ranks capture their NCCL collectives too
             from workers.cuda_graphs import make_decode_graphs
 
             self.decode_graphs = make_decode_graphs(self.model, self.kv_caches, block_size, self.device)
@@ -184,6 +184,19 @@ class Engine:
         while (words := self.dist.broadcast_ints(None)) is not None:
             self._execute(decode_step(words))
         log.info("rank %d: driver shut down", self.dist.rank)
+        self._release_graphs()
+
+    def _release_graphs(self) -> None:
+        """Destroy the decode CUDA graphs. Graphs that captured NCCL collectives hold the communicator's
+        resources until destroyed: leaving the process group first blocks in ncclCommFinalize."""
+        if self.decode_graphs is not None:
+            import gc
+
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            self.decode_graphs = None
+            gc.collect()
 
     def shutdown(self, close_dist: bool = True) -> None:
         """Driver: stop the other ranks' serve_forever() and (unless close_dist=False, to load
@@ -194,6 +207,7 @@ class Engine:
         if self.dist is not None and self.dist.is_driver:
             if self.dist.world_size > 1:
                 self.dist.broadcast_ints(None)
+            self._release_graphs()
             if close_dist:
                 self.dist.close()
 
