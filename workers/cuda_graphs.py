@@ -111,7 +111,9 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # tensor parallel: NCCL's watchdog thread polls events while this thread captures; "thread_local"
-        # keeps its calls from invalidating the capture (the default, "global", forbids them process-wide)
+        # keeps its calls from invalidating the capture (the default, "global", forbids them process-wide).
+        # (The TP test that hung did so for another reason, see Engine._release_graphs; "global" was not
+        # tried again with that fixed.)
         mode = "thread_local" if getattr(self.model, "tp", 1) > 1 else "global"
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
             logits = self._forward(b)

@@ -8,6 +8,7 @@ tp rank 0 sends each micro-batch's logits to the driver.
 """
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -190,10 +191,6 @@ class Engine:
         """Destroy the decode CUDA graphs. Graphs that captured NCCL collectives hold the communicator's
         resources until destroyed: leaving the process group first blocks in ncclCommFinalize."""
         if self.decode_graphs is not None:
-            import gc
-
-            import torch
-
             torch.cuda.synchronize(self.device)
             self.decode_graphs = None
             gc.collect()
