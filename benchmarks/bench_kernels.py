@@ -147,9 +147,7 @@ def bench_chain(out: dict) -> None:
     shapes = {"qkv": ((nh + 2 * nkv) * hd, H), "o": (H, nh * hd), "gate_up": (2 * I, H), "down": (H, I), "lm_head": (V, H)}
     t = tuning.Tuning()
     autotune.tune_gemv_into(t, shapes, dt)
-    margin, autotune.STREAM_MARGIN = autotune.STREAM_MARGIN, 10.0   # every shape's fastest stream_gemv choice
-    stream = autotune.tune_stream(shapes, dt, t)
-    autotune.STREAM_MARGIN = margin
+    stream = autotune.tune_stream(shapes, dt, t, margin=10.0)   # every shape's fastest stream_gemv choice
     out["chain_stream_choices"] = {key: per.get(1) for key, per in stream.items()}
     per_batch = autotune.tune_attention(nh, nkv, hd, dt, (1,), (ctx,))
     t.attention_splits, t.attention_stages = {1: per_batch[1][0]}, {1: per_batch[1][1]}

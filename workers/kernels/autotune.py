@@ -222,11 +222,11 @@ def tune_tma(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
 STREAM_MARGIN = 0.0   # stream_gemv is kept at a row count unless what runs otherwise times this much faster alone
 
 
-def tune_stream(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
-                tuned: Tuning | None = None) -> dict[str, dict[int, list[int]]]:
+def tune_stream(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, tuned: Tuning | None = None,
+                margin: float = STREAM_MARGIN) -> dict[str, dict[int, list[int]]]:
     """Per "NxK": row count (1 .. stream_gemv.MAX_M) -> stream_gemv's fastest choice unless what decode
     would run otherwise under `tuned` (gemv, tma_gemm, skinny_gemm or cuBLAS, as the GPU backend picks;
-    with silu(gate) * up for gate_up, as decode runs it) times more than STREAM_MARGIN faster; nothing off
+    with silu(gate) * up for gate_up, as decode runs it) times more than `margin` faster; nothing off
     sm_90+ GPUs."""
     from workers.backends import cuda as _backend
     from workers.kernels import tuning as _tuning
@@ -248,7 +248,7 @@ def tune_stream(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
                 if not per:
                     continue
                 theirs = time_ms(lambda i: other(x, ws[i]), copies)
-                _keep_fastest(out, f"{n}x{k}", m, per, theirs, STREAM_MARGIN, f"stream {name}")
+                _keep_fastest(out, f"{n}x{k}", m, per, theirs, margin, f"stream {name}")
             del ws
     finally:
         _tuning.set_current(old)
