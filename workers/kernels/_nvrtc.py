@@ -217,10 +217,9 @@ def _arg_layout(types: tuple) -> tuple[struct.Struct, np.ndarray]:
 
 def kernel_params(args: tuple) -> tuple[np.ndarray, Any]:
     """cuLaunchKernelEx's kernelParams for `args` (ptr / i32 / i64 / f32 values, tensor maps): an array of
-    pointers to each
-    value, and the buffer that holds the values; both must stay alive until the launch call returns (the
-    driver copies each value to its offset in the kernel's parameters: the buffer needs no alignment). One
-    pack per launch (a ctypes object per argument cost ~4x the host time)."""
+    pointers to each value, and the buffer that holds the values; both must stay alive until the launch
+    call returns (the driver copies each value to its offset in the kernel's parameters: the buffer needs
+    no alignment). One pack per launch (a ctypes object per argument cost ~4x the host time)."""
     st, offsets = _arg_layout(tuple(map(type, args)))
     buf = ctypes.create_string_buffer(st.pack(*args), st.size)
     return offsets + np.uint64(ctypes.addressof(buf)), buf

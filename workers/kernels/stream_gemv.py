@@ -14,6 +14,7 @@ MAX_M = 4
 CWARPS = 8
 THREADS = CWARPS * 32 + 32
 MAX_STAGES = 64
+SM_SHARED_BYTES = 228 * 1024   # shared memory of one SM on sm_90 and sm_100 (what 2 blocks an SM split)
 _DTYPES = (torch.float16, torch.bfloat16)
 # (KB a bulk copy aims at, KB of the ring of stages, blocks an SM): what the build times per weight shape
 CHOICES = tuple((c, r, b) for c in (4, 8, 16) for r, b in ((192, 1), (128, 1), (112, 2)))
@@ -61,7 +62,7 @@ def plan(choice: tuple[int, int, int], m: int, n: int, k: int, glu: bool,
     blocks = min(n, per_sm * props.multi_processor_count)
     chunk = chunk_elems(k, chunk_kb)
     parts = (2 if glu else 1) * -(-n // blocks) * (k // chunk) * m * 4
-    limit = min(max_shared_per_block(device), (228 * 1024) // per_sm - 1024)
+    limit = min(max_shared_per_block(device), SM_SHARED_BYTES // per_sm - 1024)   # (1 KB reserved a block)
     fixed = m * k * 2 + parts + 128
     stages = min(MAX_STAGES, ring_kb * 1024 // (chunk * 2), (limit - fixed) // (chunk * 2 + 16)) // CWARPS * CWARPS
     if stages < CWARPS:   # (consumer warp w takes slots w, w + CWARPS, ..: every round of a slot, in order)

@@ -62,7 +62,7 @@ class Tuning:
 
     def stream_choice(self, n: int, k: int, m: int) -> tuple[int, int, int] | None:
         """stream_gemv's launch (KB a copy, KB of the ring, blocks an SM) for an [n,k] weight at m rows, or
-        None where gemv was faster (or the shape was not tuned)."""
+        None where what runs otherwise was faster (or the shape was not tuned)."""
         from workers.kernels import stream_gemv
 
         return _bucketed(self.stream, n, k, m, stream_gemv)
